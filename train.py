@@ -1,0 +1,492 @@
+"""
+train.py: train a nanoXmodel with the Xmodel-2.5 recipe's Warmup-Stable-Decay schedule.
+
+One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs and nodes.
+
+    python train.py                                    # CPU: small model on the embedded corpus, ~4 min
+    python train.py --dry_run                          # print the resolved config and the LR schedule, train nothing
+    python train.py --preset=nano --data_dir=data/X    # the 20M muP proxy on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset=xmodel-2.5 --data_dir=data/X
+    # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
+    #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X
+
+Every hyperparameter is a --name=value flag (python train.py --help lists them). --preset picks the model
+shape and a matching schedule; any flag overrides it. Checkpoints land in --out_dir; --resume continues
+a run exactly where it stopped.
+"""
+
+import argparse
+import difflib
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare_data
+from model import GPT, GPTConfig, PRESETS
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {s!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, not the whole usage: say what is wrong and the closest real flag
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flag = m.group(1).split("=")[0]
+            close = difflib.get_close_matches(flag, [o for a in self._actions for o in a.option_strings], n=1)
+            message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+        self.exit(2, f"{self.prog}: error: {message}; see python {self.prog} --help\n")
+
+
+# the schedule and batch of each preset. xmodel-2.5 is the recipe's pre-training run (RECIPE.md section 3):
+# 2k warmup, batch 480 x 3712 tokens doubled at 270k steps, decay over the last 20k of 550k steps.
+# nano is a quick one-GPU proxy run and cpu a few-minute demo (our choices, not the paper's).
+TRAIN_PRESETS = {
+    "cpu": dict(max_iters=360, warmup_iters=30, decay_iters=80, total_batch_size=16 * 256, batch_size=16,
+                batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, sample_len=200),
+    "nano": dict(max_iters=5000, warmup_iters=200, decay_iters=1000, total_batch_size=32 * 3712, batch_size=16,
+                 batch_double_step=0, eval_interval=250, eval_iters=20, ckpt_interval=1000, sample_len=0),
+    "xmodel-2.5": dict(max_iters=550_000, warmup_iters=2000, decay_iters=20_000, total_batch_size=480 * 3712,
+                       batch_size=4, batch_double_step=270_000, eval_interval=2000, eval_iters=50,
+                       ckpt_interval=2000, sample_len=0),
+}
+MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
+DECAY_SHAPES = {
+    "exponential": lambda t: 2 * 0.5 ** t - 1,  # the released decay scripts: 1 -> 0
+    "minicpm": lambda t: 0.5 ** t,              # MiniCPM's original WSD: 1 -> 0.5
+    "linear": lambda t: 1 - t,
+    "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+    "1-sqrt": lambda t: 1 - math.sqrt(t),
+}
+
+
+def get_parser():
+    p = Parser(prog="train.py", description=__doc__.split("\n")[1],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    per_preset = lambda k: "per --preset: " + ", ".join(f"{n} {v[k]}" for n, v in TRAIN_PRESETS.items())
+    flag = lambda g, name, **kw: g.add_argument(f"--{name}", **kw)
+
+    g = p.add_argument_group("model (defaults come from --preset; see model.py for each field)")
+    flag(g, "preset", default="cpu", choices=list(PRESETS))
+    defaults = GPTConfig()
+    for name in MODEL_FIELDS:
+        kind = type(getattr(defaults, name))
+        flag(g, name, default=None, type=str2bool if kind is bool else kind, metavar=kind.__name__.upper(),
+             help="from the data's tokenizer, padded to 64" if name == "vocab_size" else "from --preset")
+
+    g = p.add_argument_group("data")
+    flag(g, "data_dir", default=prepare_data.DEFAULT_DATA_DIR,
+         help="token shards from prepare_data.py; the default is built on first use")
+
+    g = p.add_argument_group("optimization (AdamW and muP values: RECIPE.md section 2)")
+    flag(g, "optimizer", default="adamw", choices=["adamw"])
+    flag(g, "lr", type=float, default=0.01, help="peak LR eta of the embedding; other params get eta/m (muP)")
+    flag(g, "weight_decay", type=float, default=0.1)
+    flag(g, "beta1", type=float, default=0.9)
+    flag(g, "beta2", type=float, default=0.95)
+    flag(g, "eps", type=float, default=1e-8)
+    flag(g, "grad_clip", type=float, default=1.0, help="0 disables")
+
+    g = p.add_argument_group("schedule and batch (Warmup-Stable-Decay: RECIPE.md section 3)")
+    flag(g, "max_iters", type=int, default=None, help=per_preset("max_iters"))
+    flag(g, "warmup_iters", type=int, default=None, help=per_preset("warmup_iters"))
+    flag(g, "decay_iters", type=int, default=None, help="the decay window at the end; " + per_preset("decay_iters"))
+    flag(g, "decay_frac", type=float, default=None, help="the decay window as a fraction of max_iters instead")
+    flag(g, "decay_shape", default="exponential", choices=list(DECAY_SHAPES))
+    flag(g, "min_lr_ratio", type=float, default=1 / 16, help="LR at the end of decay / peak (the scripts' peak/16)")
+    flag(g, "total_batch_size", type=int, default=None, help="tokens per step; " + per_preset("total_batch_size"))
+    flag(g, "batch_size", type=int, default=None, help="sequences per micro-step per process; "
+         + per_preset("batch_size"))
+    flag(g, "batch_double_step", type=int, default=None, help="step from which the batch doubles, 0 = never; "
+         + per_preset("batch_double_step"))
+
+    g = p.add_argument_group("system")
+    flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N")
+    flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
+    flag(g, "compile", type=str2bool, nargs="?", const=True, default=None, help="torch.compile; default on GPU")
+    flag(g, "seed", type=int, default=1337)
+
+    g = p.add_argument_group("evaluation, logging and checkpoints")
+    flag(g, "out_dir", default="out")
+    flag(g, "eval_interval", type=int, default=None, help=per_preset("eval_interval"))
+    flag(g, "eval_iters", type=int, default=None, help=per_preset("eval_iters"))
+    flag(g, "log_interval", type=int, default=10)
+    flag(g, "ckpt_interval", type=int, default=None, help=per_preset("ckpt_interval"))
+    flag(g, "keep_ckpts", type=int, default=3, help="newest checkpoints kept (the one at decay start always stays)")
+    flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
+         "or --resume=PATH for a given one")
+    flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
+         help="start fresh even if --out_dir holds checkpoints (they are replaced)")
+    flag(g, "sample_len", type=int, default=None, help="tokens of text sampled at the end; " + per_preset("sample_len"))
+    flag(g, "dry_run", type=str2bool, nargs="?", const=True, default=False, help="print config and schedule, then exit")
+    return p
+
+
+def parse_args(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.decay_frac is not None and args.decay_iters is not None:
+        raise SystemExit("train.py: error: give --decay_iters or --decay_frac, not both")
+    for k, v in TRAIN_PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.decay_frac is not None:
+        args.decay_iters = round(args.decay_frac * args.max_iters)
+    if not 0 <= args.warmup_iters <= args.max_iters - args.decay_iters:
+        raise SystemExit(f"train.py: error: warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not "
+                         f"fit in --max_iters={args.max_iters}")
+    return args
+
+# -----------------------------------------------------------------------------
+# the Warmup-Stable-Decay schedule
+
+
+def lr_mult(step, args):
+    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, then decay to min_lr_ratio."""
+    if step < args.warmup_iters:
+        return (step + 1) / args.warmup_iters
+    decay_start = args.max_iters - args.decay_iters
+    if step < decay_start:
+        return 1.0
+    t = (step - decay_start + 1) / args.decay_iters  # reaches 1 on the last step
+    return args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
+
+
+def phase(step, args):
+    if step < args.warmup_iters:
+        return "warmup"
+    if step >= args.max_iters - args.decay_iters:
+        return "decay"
+    return "stable2" if 0 < args.batch_double_step <= step else "stable"
+
+
+def grad_accum_steps(step, args, world_size):
+    total = args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1)
+    per_micro = args.batch_size * args.block_size * world_size
+    if total % per_micro:
+        raise SystemExit(f"train.py: error: a step of {total} tokens is not a whole number of micro-batches of "
+                         f"batch_size*block_size*world_size = {args.batch_size}*{args.block_size}*{world_size} = "
+                         f"{per_micro} tokens; make --total_batch_size a multiple of {per_micro}")
+    return total // per_micro
+
+
+def print_schedule(args, groups, world_size):
+    marks = {0, args.warmup_iters - 1, args.max_iters - args.decay_iters - 1, args.max_iters - 1}
+    marks |= {args.max_iters - args.decay_iters + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
+    if args.batch_double_step > 0:
+        marks |= {args.batch_double_step - 1, args.batch_double_step}
+    print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
+          + f" {'tokens/step':>12} {'accum':>6}")
+    for s in sorted(m for m in marks if 0 <= m < args.max_iters):
+        mult = lr_mult(s, args)
+        accum = grad_accum_steps(s, args, world_size)
+        print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
+              + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
+              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}")
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything needed to continue bit-for-bit, written atomically
+
+
+CKPT_VERSION = 1
+
+
+def list_ckpts(out_dir):
+    found = []
+    for path in glob.glob(os.path.join(out_dir, "ckpt_*.pt")):
+        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save_ckpt(state, out_dir, keep, protected_step):
+    path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoints and at worst a stray .tmp
+    for step, old in list_ckpts(out_dir)[:-keep]:
+        if step != protected_step:
+            os.remove(old)
+    return path
+
+
+def load_ckpt(path, config, tokenizer):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION
+    except Exception as e:
+        raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
+                         f"from this version of train.py; resume from an older ckpt_*.pt with --resume=PATH")
+    diff = [f"{k}: checkpoint {v!r}, now {getattr(config, k)!r}" for k, v in ckpt["model_config"].items()
+            if getattr(config, k) != v]
+    if ckpt["tokenizer"] != tokenizer:
+        diff.append(f"tokenizer: checkpoint {ckpt['tokenizer']!r}, data {tokenizer!r}")
+    if diff:
+        raise SystemExit(f"train.py: error: {path} was trained with another config ({'; '.join(diff)}); "
+                         f"pass the same model flags and data, or start a new run with another --out_dir")
+    return ckpt
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+# -----------------------------------------------------------------------------
+# the optimizer factory: muP param groups in, an optimizer out
+
+
+def build_optimizer(model, args, device):
+    groups = model.param_groups(args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                                 fused=device.type == "cuda")
+    raise ValueError(f"unknown optimizer {args.optimizer}")
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # distributed: torchrun sets RANK; otherwise a single process
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext())
+
+    # data (the default corpus is built on first use, by one process)
+    if args.data_dir == prepare_data.DEFAULT_DATA_DIR and not os.path.exists(os.path.join(args.data_dir, "meta.json")):
+        if master:
+            prepare_data.prepare_embedded(args.data_dir)
+        if ddp:
+            dist.barrier()
+    try:
+        meta = prepare_data.read_meta(args.data_dir)
+        train_loader = prepare_data.TokenLoader(args.data_dir, "train", rank, world_size)
+        val_loader = prepare_data.TokenLoader(args.data_dir, "val", rank, world_size)
+    except prepare_data.DataError as e:
+        raise SystemExit(f"train.py: error: {e}")
+
+    # model: preset, then flags; the vocabulary comes from the data unless given
+    overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
+    overrides.setdefault("vocab_size", -(-meta["vocab_size"] // 64) * 64)  # pad to 64 for faster matmuls
+    try:
+        config = GPTConfig.from_preset(args.preset, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    if config.vocab_size < meta["vocab_size"]:
+        raise SystemExit(f"train.py: error: --vocab_size={config.vocab_size} is smaller than the data's tokenizer "
+                         f"({meta['tokenizer']}: {meta['vocab_size']})")
+    args.block_size = config.block_size
+    torch.manual_seed(args.seed)
+    model = GPT(config).to(device)
+    optimizer = build_optimizer(model, args, device)
+    grad_accum_steps(0, args, world_size)  # fail early on a batch that does not divide
+    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
+        f"non-embedding), width multiplier m = {config.width_mult:g}, muP {'on' if config.mup else 'off'}")
+    log("config: " + json.dumps({"args": vars(args), "model": asdict(config), "world_size": world_size}))
+    if args.dry_run:
+        print_schedule(args, optimizer.param_groups, world_size)
+        return {"config": config, "args": args}
+
+    # resume, or refuse to silently replace an earlier run
+    ckpts = list_ckpts(args.out_dir)
+    start_step, best_val = 0, None
+    if args.resume:
+        path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+        if path is None or not os.path.exists(path):
+            raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
+                             f"drop --resume to start a new run")
+        ckpt = load_ckpt(path, config, meta["tokenizer"])
+        later = [s for s, _ in ckpts if s > ckpt["step"]]
+        if later and not args.overwrite:
+            raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
+                             f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["train_loader"])
+        set_rng_state(ckpt["rng"])
+        start_step, best_val = ckpt["step"], ckpt["best_val"]
+        log(f"resumed from {path} at step {start_step}")
+        del ckpt
+    elif ckpts and not args.overwrite:
+        raise SystemExit(f"train.py: error: {args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); "
+                         f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
+    stale = [p for s, p in ckpts if s > start_step] if args.overwrite else []
+
+    decay_start = args.max_iters - args.decay_iters
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "model": asdict(config)}, f, indent=1)
+        # keep the log consistent with the checkpoint: drop entries the resumed run will write again
+        kept = []
+        if start_step > 0 and os.path.exists(log_path):
+            kept = [l for l in open(log_path) if json.loads(l)["step"] < start_step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    def all_mean(x):
+        if ddp:
+            dist.all_reduce(x, op=dist.ReduceOp.AVG)
+        return x
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        val_loader.reset()
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_iters):
+            x, y = val_loader.next_batch(args.batch_size, args.block_size)
+            with autocast:
+                total += model(x.to(device), y.to(device))[1].float()
+        model.train()
+        return all_mean(total / args.eval_iters).item()
+
+    def write_log(entry):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint(step):
+        if master:
+            state = dict(version=CKPT_VERSION, step=step, model=raw_model.state_dict(),
+                         optimizer=optimizer.state_dict(), optimizer_name=args.optimizer,
+                         model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
+                         train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val)
+            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_start)
+            for p in stale:  # --overwrite: the old run's later checkpoints go once the new one is safe
+                if os.path.exists(p):
+                    os.remove(p)
+            stale.clear()
+            log(f"saved {path}")
+
+    last_saved = start_step if args.resume else None
+    val_loss = None
+    for step in range(start_step, args.max_iters):
+        if step == args.batch_double_step and step > 0:
+            log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
+        if step == decay_start:
+            log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+        if args.eval_interval and step % args.eval_interval == 0:
+            val_loss = evaluate()
+            best_val = val_loss if best_val is None else min(best_val, val_loss)
+            log(f"step {step}: val loss {val_loss:.4f}")
+            write_log(dict(step=step, val_loss=val_loss))
+
+        t0 = time.perf_counter()
+        lr = args.lr * lr_mult(step, args)
+        set_lr(optimizer, lr)
+        accum = grad_accum_steps(step, args, world_size)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch(args.batch_size, args.block_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        loss = all_mean(loss_sum / accum).item()
+        if not math.isfinite(loss):
+            where = f"the last good checkpoint is step {last_saved} in {args.out_dir} (--resume)" if last_saved \
+                else "no checkpoint was written yet"
+            raise SystemExit(f"train.py: error: loss is {loss} at step {step}; stopped without saving; {where}; "
+                             f"try a lower --lr or --grad_clip")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+
+        tokens_per_sec = accum * args.batch_size * args.block_size * world_size / dt
+        mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, args.block_size, device)
+        write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
+                       mfu=mfu, phase=phase(step, args)))
+        if step % args.log_interval == 0 or step == args.max_iters - 1:
+            log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
+                f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                + f" | {1000 * dt:.0f} ms")
+        done = step + 1
+        if done == args.max_iters or done == decay_start or (args.ckpt_interval and done % args.ckpt_interval == 0):
+            checkpoint(done)
+            last_saved = done
+
+    if start_step < args.max_iters:
+        val_loss = evaluate()
+        best_val = val_loss if best_val is None else min(best_val, val_loss)
+        log(f"step {args.max_iters}: val loss {val_loss:.4f} (best {best_val:.4f})")
+        write_log(dict(step=args.max_iters, val_loss=val_loss))
+    if master and args.sample_len > 0:
+        tok = prepare_data.get_tokenizer(meta["tokenizer"])
+        raw_model.eval()
+        with autocast:
+            out = raw_model.generate(torch.tensor([[tok.eot]], device=device), args.sample_len, temperature=0.8,
+                                     top_k=50)
+        log("sample:\n" + tok.decode([t for t in out[0, 1:].tolist() if t < tok.vocab_size]))
+    if ddp:
+        dist.destroy_process_group()
+    return {"val_loss": val_loss, "best_val": best_val, "config": config, "args": args}
+
+
+if __name__ == "__main__":
+    main()
