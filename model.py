@@ -66,6 +66,7 @@ class CausalSelfAttention(nn.Module):
         # q, k and v as one fused matrix, as in the recipe (Muon orthogonalises it whole)
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.qkv.weight.fused_rows = [config.n_head * self.head_dim] + [config.n_kv_head * self.head_dim] * 2
         self.scale = config.attn_scale
 
     def forward(self, x, cos, sin):
@@ -85,6 +86,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         # gate and up fused as one (2*hidden x d) matrix, as in the recipe
         self.gate_up = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=False)
+        self.gate_up.weight.fused_rows = [config.mlp_hidden] * 2  # lets an optimizer treat the parts apart
         self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
 
     def forward(self, x):
@@ -244,7 +246,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         x = self.norm(x)
-        # tied output head; the muP 1/m is applied to h (d wide) rather than to the logits (V wide): same result, cheaper
+        # tied output head; the muP output_scale/m multiplies h (d wide), not the logits (V wide): same, cheaper
         logits = F.linear(x * self.config.logit_mult, self.wte.weight)
         if targets is None:
             return logits, None

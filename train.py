@@ -64,12 +64,14 @@ class Parser(argparse.ArgumentParser):
 # nano is a quick one-GPU proxy run and cpu a few-minute demo (our choices, not the paper's).
 TRAIN_PRESETS = {
     "cpu": dict(max_iters=360, warmup_iters=30, decay_iters=80, total_batch_size=16 * 256, batch_size=16,
-                batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, sample_len=200),
+                batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, log_interval=10,
+                sample_len=200),
     "nano": dict(max_iters=5000, warmup_iters=200, decay_iters=1000, total_batch_size=32 * 3712, batch_size=16,
-                 batch_double_step=0, eval_interval=250, eval_iters=20, ckpt_interval=1000, sample_len=0),
+                 batch_double_step=0, eval_interval=250, eval_iters=20, ckpt_interval=1000, log_interval=1,
+                 sample_len=0),
     "xmodel-2.5": dict(max_iters=550_000, warmup_iters=2000, decay_iters=20_000, total_batch_size=480 * 3712,
                        batch_size=4, batch_double_step=270_000, eval_interval=2000, eval_iters=50,
-                       ckpt_interval=2000, sample_len=0),
+                       ckpt_interval=2000, log_interval=1, sample_len=0),
 }
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
 DECAY_SHAPES = {
@@ -131,7 +133,7 @@ def get_parser():
     flag(g, "out_dir", default="out")
     flag(g, "eval_interval", type=int, default=None, help=per_preset("eval_interval"))
     flag(g, "eval_iters", type=int, default=None, help=per_preset("eval_iters"))
-    flag(g, "log_interval", type=int, default=10)
+    flag(g, "log_interval", type=int, default=None, help="steps between log lines; " + per_preset("log_interval"))
     flag(g, "ckpt_interval", type=int, default=None, help=per_preset("ckpt_interval"))
     flag(g, "keep_ckpts", type=int, default=3, help="newest checkpoints kept (the one at decay start always stays)")
     flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
@@ -337,7 +339,8 @@ def main(argv=None):
     grad_accum_steps(0, args, world_size)  # fail early on a batch that does not divide
     log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
         f"non-embedding), width multiplier m = {config.width_mult:g}, muP {'on' if config.mup else 'off'}")
-    log("config: " + json.dumps({"args": vars(args), "model": asdict(config), "world_size": world_size}))
+    run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
+    log("config: " + json.dumps({"args": run_args, "model": asdict(config), "world_size": world_size}))
     if args.dry_run:
         print_schedule(args, optimizer.param_groups, world_size)
         return {"config": config, "args": args}
@@ -357,7 +360,10 @@ def main(argv=None):
                              f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["train_loader"])
+        try:
+            train_loader.load_state_dict(ckpt["train_loader"])
+        except prepare_data.DataError as e:
+            raise SystemExit(f"train.py: error: {e}")
         set_rng_state(ckpt["rng"])
         start_step, best_val = ckpt["step"], ckpt["best_val"]
         log(f"resumed from {path} at step {start_step}")
