@@ -281,14 +281,20 @@ class TokenLoader:
     def reset(self):
         self.shard, self.pos, self.epoch = 0, 0, 0
 
+    def check_fits(self, batch_size, seq_len):
+        need = self.world_size * batch_size * seq_len + 1
+        for name, shard in zip(self.names, self.shards):
+            if len(shard) < need:
+                raise DataError(f"shard {name} has {len(shard):,} tokens, fewer than one step needs "
+                                f"(world_size*B*T+1 = {need:,}); use a smaller batch or re-run prepare_data.py "
+                                "with more data or a larger --shard_tokens")
+
     def next_batch(self, batch_size, seq_len):
         B, T = batch_size, seq_len
         need = self.world_size * B * T + 1
         while self.pos + need > len(self.shards[self.shard]):
             if self.pos == 0:
-                raise DataError(f"shard {self.names[self.shard]} has {len(self.shards[self.shard]):,} tokens, fewer "
-                                f"than one step needs (world_size*B*T+1 = {need:,}); use a smaller batch or "
-                                "re-run prepare_data.py with more data or a larger --shard_tokens")
+                self.check_fits(B, T)
             self.shard, self.pos = self.shard + 1, 0
             if self.shard == len(self.shards):
                 self.shard, self.epoch = 0, self.epoch + 1

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
 from model import GPT, GPTConfig, PRESETS
+from muon import Muon
 
 # -----------------------------------------------------------------------------
 # flags
@@ -102,13 +103,26 @@ def get_parser():
          help="token shards from prepare_data.py; the default is built on first use")
 
     g = p.add_argument_group("optimization (AdamW and muP values: RECIPE.md section 2)")
-    flag(g, "optimizer", default="adamw", choices=["adamw"])
+    flag(g, "optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the hidden matrices "
+         "from step 0 (AdamW for embedding and norms inside it)")
+    flag(g, "muon_at_decay", type=str2bool, nargs="?", const=True, default=False,
+         help="the recipe's switch: AdamW until the decay starts, then Muon (RECIPE.md section 4)")
     flag(g, "lr", type=float, default=0.01, help="peak LR eta of the embedding; other params get eta/m (muP)")
     flag(g, "weight_decay", type=float, default=0.1)
     flag(g, "beta1", type=float, default=0.9)
     flag(g, "beta2", type=float, default=0.95)
     flag(g, "eps", type=float, default=1e-8)
     flag(g, "grad_clip", type=float, default=1.0, help="0 disables")
+
+    g = p.add_argument_group("Muon (muon.py; values: RECIPE.md section 4)")
+    flag(g, "muon_momentum", type=float, default=0.95)
+    flag(g, "muon_scale", default="moonlight", choices=["moonlight", "spectral"],
+         help="moonlight: lr*0.2*sqrt(max(rows,cols)), reuses AdamW's lr; spectral: lr*sqrt(max(1,rows/cols))")
+    flag(g, "ns_steps", type=int, default=5, help="Newton-Schulz iterations")
+    flag(g, "ns_coeffs", default="quintic", choices=["quintic", "polar_express"])
+    flag(g, "split_fused", type=str2bool, nargs="?", const=True, default=False,
+         help="orthogonalize q/k/v and gate/up apart instead of each fused matrix whole")
+    flag(g, "ns_triton", type=str2bool, default=None, help="Triton Newton-Schulz kernel; default on CUDA")
 
     g = p.add_argument_group("schedule and batch (Warmup-Stable-Decay: RECIPE.md section 3)")
     flag(g, "max_iters", type=int, default=None, help=per_preset("max_iters"))
@@ -132,10 +146,10 @@ def get_parser():
     g = p.add_argument_group("evaluation, logging and checkpoints")
     flag(g, "out_dir", default="out")
     flag(g, "eval_interval", type=int, default=None, help=per_preset("eval_interval"))
-    flag(g, "eval_iters", type=int, default=None, help=per_preset("eval_iters"))
+    flag(g, "eval_iters", type=int, default=None, help="validation batches per process; " + per_preset("eval_iters"))
     flag(g, "log_interval", type=int, default=None, help="steps between log lines; " + per_preset("log_interval"))
     flag(g, "ckpt_interval", type=int, default=None, help=per_preset("ckpt_interval"))
-    flag(g, "keep_ckpts", type=int, default=3, help="newest checkpoints kept (the one at decay start always stays)")
+    flag(g, "keep_ckpts", type=int, default=3, help="newest checkpoints kept, 0 = all (the one at decay start always stays)")
     flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
          "or --resume=PATH for a given one")
     flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
@@ -192,19 +206,26 @@ def grad_accum_steps(step, args, world_size):
     return total // per_micro
 
 
+def optimizer_kind(step, args):
+    if args.optimizer == "muon" or (args.muon_at_decay and step >= args.max_iters - args.decay_iters):
+        return "muon"
+    return "adamw"
+
+
 def print_schedule(args, groups, world_size):
-    marks = {0, args.warmup_iters - 1, args.max_iters - args.decay_iters - 1, args.max_iters - 1}
+    decay_start = args.max_iters - args.decay_iters
+    marks = {0, args.warmup_iters - 1, decay_start - 1, decay_start, args.max_iters - 1}
     marks |= {args.max_iters - args.decay_iters + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
     if args.batch_double_step > 0:
         marks |= {args.batch_double_step - 1, args.batch_double_step}
     print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
-          + f" {'tokens/step':>12} {'accum':>6}")
+          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9}")
     for s in sorted(m for m in marks if 0 <= m < args.max_iters):
         mult = lr_mult(s, args)
         accum = grad_accum_steps(s, args, world_size)
         print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
               + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
-              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}")
+              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6} {optimizer_kind(s, args):>9}")
 
 # -----------------------------------------------------------------------------
 # checkpoints: everything needed to continue bit-for-bit, written atomically
@@ -222,7 +243,7 @@ def list_ckpts(out_dir):
     return sorted(found)
 
 
-def save_ckpt(state, out_dir, keep, protected_step):
+def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -230,6 +251,9 @@ def save_ckpt(state, out_dir, keep, protected_step):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic: a kill leaves the old checkpoints and at worst a stray .tmp
+    for old in replaced:  # --overwrite: the replaced run's checkpoints go once the new one is safe
+        if old != path and os.path.exists(old):
+            os.remove(old)
     for step, old in list_ckpts(out_dir)[:-keep]:
         if step != protected_step:
             os.remove(old)
@@ -269,12 +293,16 @@ def set_rng_state(s):
 # the optimizer factory: muP param groups in, an optimizer out
 
 
-def build_optimizer(model, args, device):
+def build_optimizer(model, args, device, kind):
     groups = model.param_groups(args.weight_decay)
-    if args.optimizer == "adamw":
+    if kind == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                                  fused=device.type == "cuda")
-    raise ValueError(f"unknown optimizer {args.optimizer}")
+    if kind == "muon":  # the "hidden" group gets Muon, embedding and norms AdamW, each at its muP lr
+        return Muon(groups, lr=args.lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
+                    ns_coeffs=args.ns_coeffs, muon_scale=args.muon_scale, split_fused=args.split_fused,
+                    use_triton=args.ns_triton, betas=(args.beta1, args.beta2), eps=args.eps)
+    raise ValueError(f"unknown optimizer {kind}")
 
 
 def set_lr(optimizer, lr):
@@ -286,7 +314,13 @@ def set_lr(optimizer, lr):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        return train(parse_args(argv))
+    except prepare_data.DataError as e:  # bad data is the user's to fix: one line, no traceback
+        raise SystemExit(f"train.py: error: {e}")
+
+
+def train(args):
 
     # distributed: torchrun sets RANK; otherwise a single process
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -315,12 +349,9 @@ def main(argv=None):
             prepare_data.prepare_embedded(args.data_dir)
         if ddp:
             dist.barrier()
-    try:
-        meta = prepare_data.read_meta(args.data_dir)
-        train_loader = prepare_data.TokenLoader(args.data_dir, "train", rank, world_size)
-        val_loader = prepare_data.TokenLoader(args.data_dir, "val", rank, world_size)
-    except prepare_data.DataError as e:
-        raise SystemExit(f"train.py: error: {e}")
+    meta = prepare_data.read_meta(args.data_dir)
+    train_loader = prepare_data.TokenLoader(args.data_dir, "train", rank, world_size)
+    val_loader = prepare_data.TokenLoader(args.data_dir, "val", rank, world_size)
 
     # model: preset, then flags; the vocabulary comes from the data unless given
     overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
@@ -333,9 +364,12 @@ def main(argv=None):
         raise SystemExit(f"train.py: error: --vocab_size={config.vocab_size} is smaller than the data's tokenizer "
                          f"({meta['tokenizer']}: {meta['vocab_size']})")
     args.block_size = config.block_size
+    for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
+        loader.check_fits(args.batch_size, args.block_size)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
-    optimizer = build_optimizer(model, args, device)
+    opt_kind = optimizer_kind(0, args)
+    optimizer = build_optimizer(model, args, device, opt_kind)
     grad_accum_steps(0, args, world_size)  # fail early on a batch that does not divide
     log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
         f"non-embedding), width multiplier m = {config.width_mult:g}, muP {'on' if config.mup else 'off'}")
@@ -359,11 +393,11 @@ def main(argv=None):
             raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
                              f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
         model.load_state_dict(ckpt["model"])
+        if ckpt["optimizer_name"] != opt_kind:  # e.g. a checkpoint taken after the switch to Muon
+            opt_kind = ckpt["optimizer_name"]
+            optimizer = build_optimizer(model, args, device, opt_kind)
         optimizer.load_state_dict(ckpt["optimizer"])
-        try:
-            train_loader.load_state_dict(ckpt["train_loader"])
-        except prepare_data.DataError as e:
-            raise SystemExit(f"train.py: error: {e}")
+        train_loader.load_state_dict(ckpt["train_loader"])
         set_rng_state(ckpt["rng"])
         start_step, best_val = ckpt["step"], ckpt["best_val"]
         log(f"resumed from {path} at step {start_step}")
@@ -380,11 +414,14 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": asdict(config)}, f, indent=1)
         # keep the log consistent with the checkpoint: drop entries the resumed run will write again
-        kept = []
-        if start_step > 0 and os.path.exists(log_path):
-            kept = [l for l in open(log_path) if json.loads(l)["step"] < start_step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+        if start_step < args.max_iters:  # (a finished run's log stays as it is)
+            kept = []
+            if start_step > 0 and os.path.exists(log_path):
+                kept = [line for line in open(log_path) if json.loads(line)["step"] < start_step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+        else:
+            log(f"the run already reached --max_iters={args.max_iters}; raise it to train further")
 
     raw_model = model
     if args.compile:
@@ -417,13 +454,10 @@ def main(argv=None):
     def checkpoint(step):
         if master:
             state = dict(version=CKPT_VERSION, step=step, model=raw_model.state_dict(),
-                         optimizer=optimizer.state_dict(), optimizer_name=args.optimizer,
+                         optimizer=optimizer.state_dict(), optimizer_name=opt_kind,
                          model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
                          train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val)
-            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_start)
-            for p in stale:  # --overwrite: the old run's later checkpoints go once the new one is safe
-                if os.path.exists(p):
-                    os.remove(p)
+            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_start, replaced=stale)
             stale.clear()
             log(f"saved {path}")
 
@@ -434,6 +468,13 @@ def main(argv=None):
             log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
         if step == decay_start:
             log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+        if optimizer_kind(step, args) != opt_kind:
+            # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
+            # Muon momentum starts at zero; only the weights carry over
+            log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
+                f"weights carried over")
+            opt_kind = optimizer_kind(step, args)
+            optimizer = build_optimizer(raw_model, args, device, opt_kind)
         if args.eval_interval and step % args.eval_interval == 0:
             val_loss = evaluate()
             best_val = val_loss if best_val is None else min(best_val, val_loss)
@@ -467,7 +508,7 @@ def main(argv=None):
         tokens_per_sec = accum * args.batch_size * args.block_size * world_size / dt
         mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, args.block_size, device)
         write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
-                       mfu=mfu, phase=phase(step, args)))
+                       mfu=mfu, phase=phase(step, args), optimizer=opt_kind))
         if step % args.log_interval == 0 or step == args.max_iters - 1:
             log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
                 f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
@@ -490,6 +531,7 @@ def main(argv=None):
                                      top_k=50)
         log("sample:\n" + tok.decode([t for t in out[0, 1:].tolist() if t < tok.vocab_size]))
     if ddp:
+        dist.barrier()  # let every rank finish its last collective before the group goes
         dist.destroy_process_group()
     return {"val_loss": val_loss, "best_val": best_val, "config": config, "args": args}
 
