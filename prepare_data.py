@@ -336,7 +336,7 @@ def _docstrings(path):
 
 
 def embedded_documents(max_bytes=EMBEDDED_MAX_BYTES):
-    """Python's help topics, then one document per stdlib module's docstrings, up to max_bytes of utf-8."""
+    """Python's help topics and one document per stdlib module's docstrings, up to max_bytes of utf-8, shuffled."""
     import pydoc_data.topics  # the text behind help('topics'), part of every CPython
 
     def all_documents():
@@ -349,15 +349,19 @@ def embedded_documents(max_bytes=EMBEDDED_MAX_BYTES):
                 if f.endswith(".py") and not f.startswith("test_"):
                     yield _docstrings(os.path.join(dirpath, f))
 
-    total = 0
+    docs, total = [], 0
     for doc in all_documents():
         size = len(doc.encode("utf-8"))
         if not doc.strip():
             continue
         if total + size > max_bytes:
-            return
+            break
         total += size
-        yield doc
+        docs.append(doc)
+    # a fixed shuffle: help topics and module docstrings read differently, and a stream of one kind
+    # followed by the other makes the training curve jump; every batch should look like the whole corpus
+    random.Random(0).shuffle(docs)
+    yield from docs
 
 
 def hub_reachable(address=None, timeout=2.0):

@@ -137,6 +137,12 @@ def get_parser():
     flag(g, "batch_double_step", type=int, default=None, help="step from which the batch doubles, 0 = never; "
          + per_preset("batch_double_step"))
 
+    g = p.add_argument_group("FP8 (fp8.py; RECIPE.md section 5)")
+    flag(g, "fp8", type=str2bool, nargs="?", const=True, default=False,
+         help="FP8 matmuls in the transformer-block linears (needs an H100-class GPU to be fast)")
+    flag(g, "fp8_recipe", default="delayed", choices=["delayed", "current"],
+         help="delayed: scale from the max of a 128-step amax history (the recipe's); current: this step's amax")
+
     g = p.add_argument_group("system")
     flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N")
     flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
@@ -321,7 +327,6 @@ def main(argv=None):
 
 
 def train(args):
-
     # distributed: torchrun sets RANK; otherwise a single process
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
@@ -368,6 +373,11 @@ def train(args):
         loader.check_fits(args.batch_size, args.block_size)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
+    if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
+        import fp8
+        skipped = fp8.convert_to_fp8(model, recipe=args.fp8_recipe)
+        for name, reason in skipped:
+            log(f"fp8: {name} stays in {args.dtype}: {reason}")
     opt_kind = optimizer_kind(0, args)
     optimizer = build_optimizer(model, args, device, opt_kind)
     grad_accum_steps(0, args, world_size)  # fail early on a batch that does not divide
@@ -393,6 +403,8 @@ def train(args):
             raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
                              f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
         model.load_state_dict(ckpt["model"])
+        if args.fp8 and ckpt.get("fp8") is not None:  # delayed scaling's amax histories
+            fp8.load_fp8_state_dict(model, ckpt["fp8"])
         if ckpt["optimizer_name"] != opt_kind:  # e.g. a checkpoint taken after the switch to Muon
             opt_kind = ckpt["optimizer_name"]
             optimizer = build_optimizer(model, args, device, opt_kind)
@@ -456,7 +468,8 @@ def train(args):
             state = dict(version=CKPT_VERSION, step=step, model=raw_model.state_dict(),
                          optimizer=optimizer.state_dict(), optimizer_name=opt_kind,
                          model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
-                         train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val)
+                         train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val,
+                         fp8=fp8.fp8_state_dict(raw_model) if args.fp8 else None)
             path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_start, replaced=stale)
             stale.clear()
             log(f"saved {path}")

@@ -359,11 +359,11 @@ def test_checkpoint_retention(data_dir, tmp_path, max_iters, decay, interval, ke
 # -----------------------------------------------------------------------------
 # resume: bit for bit
 
-# resume points: stable, the decay start, inside the decay; with --muon_at_decay the step-8 checkpoint is AdamW's
-# (the switch happens on resume) and the step-9 one Muon's
+# resume points: stable, the decay start, inside the decay; with --muon_at_decay: before the switch, at it (the
+# step-8 checkpoint is AdamW's, the switch happens on resume) and after it (the step-9 one is Muon's)
 @pytest.mark.parametrize("optimizer,k,how", [("adamw", 6, "auto"), ("adamw", 8, "path"), ("adamw", 9, "path"),
-                                             ("muon", 6, "path"), ("muon_at_decay", 8, "auto"),
-                                             ("muon_at_decay", 9, "path")])
+                                             ("muon", 6, "path"), ("muon_at_decay", 6, "path"),
+                                             ("muon_at_decay", 8, "auto"), ("muon_at_decay", 9, "path")])
 def test_resume_is_bit_exact(ref_runs, data_dir, tmp_path, optimizer, k, how):
     ref, ref_res = ref_runs(optimizer)
     flags = [*REF, *OPTIMIZERS[optimizer]]
@@ -419,6 +419,58 @@ def test_crash_then_resume_in_the_same_out_dir(ref_run, data_dir, tmp_path, monk
     assert sorted(b) == list(range(12)) and b_val == a_val
     assert [b[s]["loss"] for s in range(12)] == [a[s]["loss"] for s in range(12)]
     assert_same_tree(load(ckpt_path(ref_run[0], 12))["model"], load(ckpt_path(tmp_path, 12))["model"])
+
+
+# -----------------------------------------------------------------------------
+# the AdamW -> Muon switch at the start of the decay (RECIPE.md section 4)
+
+def test_muon_at_decay_switch(data_dir, tmp_path, capsys):
+    """9 steps, decay from step 8: AdamW for steps 0-7, one Muon step at step 8, which starts from zero state."""
+    seen = []  # (optimizer, step's group lrs, the hidden grads) at every optimizer step
+
+    def hook(opt, args, kwargs):
+        hidden = next(g for g in opt.param_groups if g["name"] == "hidden")
+        seen.append((opt, {g["name"]: g["lr"] for g in opt.param_groups}, [p.grad.clone() for p in hidden["params"]]))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        run(data_dir, tmp_path, "--max_iters=9", "--warmup_iters=2", "--decay_iters=1", "--eval_interval=0",
+            "--ckpt_interval=0", "--muon_at_decay", "--keep_ckpts=0")
+    finally:
+        handle.remove()
+    assert "step 8: switching adamw -> muon" in capsys.readouterr().out
+    assert [type(o).__name__ for o, _, _ in seen] == ["AdamW"] * 8 + ["Muon"]
+
+    # the schedule and the muP multipliers carry on across the switch: every group at eta * lr_mult(step) * mult
+    args = train.parse_args(TINY + ["--max_iters=9", "--warmup_iters=2", "--decay_iters=1"])
+    mults = {"embedding": 1.0, "hidden": 1 / WIDTH_MULT, "norm": 1 / WIDTH_MULT}
+    for step, (_, lrs, _) in enumerate(seen):
+        assert lrs == pytest.approx({n: 0.01 * train.lr_mult(step, args) * m for n, m in mults.items()}, rel=1e-12)
+
+    before, after = load(ckpt_path(tmp_path, 8)), load(ckpt_path(tmp_path, 9))
+    assert (before["optimizer_name"], after["optimizer_name"]) == ("adamw", "muon")
+    assert all(s["step"] == 8 for s in before["optimizer"]["state"].values())
+    groups = {g["name"]: g for g in after["optimizer"]["param_groups"]}
+    assert groups["hidden"]["muon"] and not groups["embedding"]["muon"] and not groups["norm"]["muon"]
+    state = after["optimizer"]["state"]
+    # Muon momentum started at zero: after one step buf = (1 - mu) * g exactly
+    for i, g in zip(groups["hidden"]["params"], seen[-1][2]):
+        assert state[i].keys() == {"momentum_buffer"}
+        assert torch.equal(state[i]["momentum_buffer"], torch.zeros_like(g).lerp_(g, 1 - 0.95))
+    # the AdamW moments were dropped too: one step from zero gives m^2 / v = (1 - beta1)^2 / (1 - beta2) = 0.2
+    for i in groups["embedding"]["params"] + groups["norm"]["params"]:
+        m, v = state[i]["exp_avg"], state[i]["exp_avg_sq"]
+        assert state[i]["step"] == 1
+        nz = v > 1e-20
+        torch.testing.assert_close(m[nz] ** 2 / v[nz], torch.full_like(v[nz], 0.2), rtol=1e-4, atol=0)
+
+
+def test_optimizer_muon_from_the_start(ref_runs):
+    out = ref_runs("muon")[0]
+    for step in ckpt_steps(out):
+        assert load(ckpt_path(out, step))["optimizer_name"] == "muon"
+    entries = read_log(out)[0]
+    assert {e["optimizer"] for e in entries.values()} == {"muon"}
 
 
 # -----------------------------------------------------------------------------
@@ -581,10 +633,11 @@ def torchrun(*flags):
     return r
 
 
-def test_two_processes_equal_one_with_accumulation(ref_run, data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon_at_decay"])  # Muon: each rank orthogonalizes a share
+def test_two_processes_equal_one_with_accumulation(ref_runs, data_dir, tmp_path, optimizer):
     """12 steps of 256 tokens stay inside the one train shard, where the loader's streams are the same."""
-    ref = ref_run[0]
-    torchrun(*TINY, *REF, f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    ref = ref_runs(optimizer)[0]
+    torchrun(*TINY, *REF, *OPTIMIZERS[optimizer], f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
     assert json.load(open(os.path.join(tmp_path, "config.json")))["args"]["total_batch_size"] == 256
     a, b = read_log(ref)[0], read_log(tmp_path)[0]
     assert sorted(b) == list(range(12))
