@@ -48,6 +48,7 @@ import ast
 import glob
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -512,9 +513,22 @@ def auto_out_dir(sources, tokenizer):
     return os.path.join("data", re.sub(r"[^A-Za-z0-9_.+-]+", "_", name))
 
 
+_worker_tok = None
+
+
+def _init_worker(name):
+    global _worker_tok
+    _worker_tok = get_tokenizer(name)
+
+
+def _encode(text):
+    return _worker_tok.encode(text)
+
+
 def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05, shard_tokens=100_000_000,
-            max_tokens=0, seed=1337):
-    """Tokenize a (mixture of) source(s) into out_dir; returns out_dir. max_tokens=0: until a source runs out."""
+            max_tokens=0, seed=1337, workers=1):
+    """Tokenize a (mixture of) source(s) into out_dir; returns out_dir. max_tokens=0: until a source runs out.
+    workers > 1 tokenizes in that many processes; the shards are the same for any number."""
     if not 0 < val_frac < 1:
         raise DataError(f"--val_frac must be in (0, 1), got {val_frac}")
     if shard_tokens < 1:
@@ -522,6 +536,9 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     tok = get_tokenizer(tokenizer)
     srcs = [parse_source(s) for s in sources]
     out_dir = out_dir or auto_out_dir(srcs, tokenizer)
+    # the pool forks before any source opens a file or a connection
+    pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
+    encode = (lambda texts: pool.map(_encode, texts, chunksize=8)) if pool else (lambda texts: map(tok.encode, texts))
     docs = [open_source(s) for s in srcs]  # fail on a bad source before touching out_dir
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -534,22 +551,30 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     bar, total, i, stopped = _progress(max_tokens or None), 0, 0, None
     seen_bytes = val_bytes = 0
     while stopped is None:
-        k = rng.choices(range(len(srcs)), weights)[0] if len(srcs) > 1 else 0
-        text = next(docs[k], None)
-        if text is None:
-            stopped = f"source {srcs[k]['spec']} ran out after {counts[k]['documents']:,} documents"
-            break
-        tokens = np.array([tok.eot] + tok.encode(text), dtype=dtype)
-        if max_tokens and total + len(tokens) >= max_tokens:
-            tokens, stopped = tokens[:max_tokens - total], f"reached --max_tokens={max_tokens:,}"
-        split = "val" if val_bytes < val_frac * seen_bytes else "train"  # bytes: same split for any tokenizer
-        nbytes = len(text.encode("utf-8"))
-        seen_bytes, val_bytes = seen_bytes + nbytes, val_bytes + (nbytes if split == "val" else 0)
-        writers[split].add(tokens)
-        counts[k]["documents"] += 1
-        counts[k]["tokens"] += len(tokens)
-        total, i = total + len(tokens), i + 1
-        bar.update(len(tokens))
+        batch = []  # (source, text): drawn in order, tokenized together, written in order
+        while len(batch) < 64 * max(workers, 1) and stopped is None:
+            k = rng.choices(range(len(srcs)), weights)[0] if len(srcs) > 1 else 0
+            text = next(docs[k], None)
+            if text is None:
+                stopped = f"source {srcs[k]['spec']} ran out after {counts[k]['documents']:,} documents"
+            else:
+                batch.append((k, text))
+        for (k, text), ids in zip(batch, encode([text for _, text in batch])):
+            tokens = np.array([tok.eot] + ids, dtype=dtype)
+            if max_tokens and total + len(tokens) >= max_tokens:
+                tokens, stopped = tokens[:max_tokens - total], f"reached --max_tokens={max_tokens:,}"
+            split = "val" if val_bytes < val_frac * seen_bytes else "train"  # bytes: same split for any tokenizer
+            nbytes = len(text.encode("utf-8"))
+            seen_bytes, val_bytes = seen_bytes + nbytes, val_bytes + (nbytes if split == "val" else 0)
+            writers[split].add(tokens)
+            counts[k]["documents"] += 1
+            counts[k]["tokens"] += len(tokens)
+            total, i = total + len(tokens), i + 1
+            bar.update(len(tokens))
+            if max_tokens and total >= max_tokens:
+                break
+    if pool:
+        pool.close()
     bar.close()
     splits = {s: w.close() for s, w in writers.items()}
     if not splits["train"] or not splits["val"]:
@@ -604,11 +629,13 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=0,
                    help="stop after this many tokens; 0 = when a source runs out (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the mixture's source draws (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="tokenizer processes (default: all cores, %(default)s)")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         prepare(args.source or ["embedded"], args.tokenizer, args.out_dir, args.val_frac, args.shard_tokens,
-                args.max_tokens, args.seed)
+                args.max_tokens, args.seed, args.workers)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         sys.exit(1)

