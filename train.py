@@ -439,7 +439,8 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # no buffer broadcast: RoPE tables are equal everywhere, and FP8 amax histories stay each rank's own
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def all_mean(x):
         if ddp:

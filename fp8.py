@@ -1,0 +1,376 @@
+"""
+fp8.py: FP8 matmuls for the transformer-block linears, with per-tensor scaling, in one file.
+
+The recipe (../shared/RECIPE.md section 5) trains with Transformer Engine's "hybrid" FP8: the GEMMs of the
+block linears run in 8-bit floats on the H100's FP8 tensor cores, which do twice the bf16 FLOPs. This file
+does the same with torch._scaled_mm and no other dependency.
+
+Two 8-bit formats. Both are "a sign, some exponent bits, some mantissa bits", traded differently:
+
+    E4M3 (float8_e4m3fn)  3 mantissa bits: rounding error <= 2^-4   largest 448     smallest 2^-9
+    E5M2 (float8_e5m2)    2 mantissa bits: rounding error <= 2^-3   largest 57344   smallest 2^-16
+
+The hybrid recipe uses E4M3 (more precision) for what the forward pass multiplies, activations and weights,
+and E5M2 (more range) for the gradients of the backward pass, whose magnitudes spread over many more octaves.
+A GEMM always has at least one E4M3 operand: grad_input = grad_output(E5M2) @ W(E4M3) and
+grad_W = grad_output(E5M2)^T @ x(E4M3); E5M2 x E5M2 is not supported by the hardware and would lose too much.
+
+Per-tensor scaling. E4M3 covers only ~18 octaves (bf16 covers ~260), so values must be moved into its window
+first: much of a weight of std 0.02 would sit among the subnormals (E4M3's normals start at 2^-6 = 0.016),
+a gradient of 1e-6 would flush to zero. Each tensor
+gets one fp32 scale s = amax / fp8_max; it is stored as x8 = x / s (its largest value lands on 448 or 57344)
+and multiplied back inside the GEMM: y = (x8 @ w8) * s_x * s_w, which _scaled_mm does in its epilogue. s is a
+*dequantisation* scale, the form _scaled_mm takes. The casts saturate (clamp to +-fp8_max first): a plain cast
+turns an out-of-range value into NaN (E4M3 on CUDA) or inf (E5M2). An all-zero tensor gets s = 1.
+
+Where amax comes from, two recipes (convert_to_fp8(recipe=...)):
+  current  this step's amax of the tensor itself: always in range, but the amax is a full reduction over
+           the tensor that must finish before its cast can start.
+  delayed  the recipe's (Transformer Engine's default): the max over an amax history of the last 128 steps,
+           kept per tensor (input, weight, grad_output) in a rolling buffer; this step's amax only enters the
+           history, so the scale is known before the tensor is (amax and cast can share one pass); the price:
+           a sudden outlier is clamped (saturated) for one step.
+           The first step, with an empty history, uses the current amax. A "step" is one forward (backward) in
+           training mode, i.e. one micro-batch, as in Transformer Engine; eval mode reads the history only.
+The histories are non-persistent buffers, so model.state_dict() is the same with and without FP8 (checkpoints
+stay interchangeable); fp8_state_dict / load_fp8_state_dict carry them through a checkpoint for exact resume.
+
+Layout. On Hopper, cuBLASLt's FP8 GEMM supports only the "TN" layout: both operands must have the inner (K)
+dimension contiguous. In PyTorch terms the first operand of _scaled_mm is row-major (M, K), the second
+column-major (K, N); inner and output dims are multiples of 16. The forward gets both for free (x is row-major,
+and W.t() of the row-major (N, K) weight is column-major); the two backward GEMMs need a transposed copy of an
+fp8 operand, which costs one byte per element and which torch.compile fuses into the cast. CPU _scaled_mm (torch
+>= 2.8) checks none of this, so check_scaled_mm enforces the CUDA rules on every device: a CPU test catches what
+would only fail on the GPU. A token count that is not a multiple of 16 (it is the inner dim of grad_W) is padded.
+
+What stays in high precision, as in the recipe: the embedding (a lookup, no GEMM), the tied output head (its
+logits feed the softmax and the loss directly), attention (softmax(QK^T)V in the bf16 flash kernel), norms,
+the SwiGLU product, residuals, the fp32 master weights and the optimizer. Outputs come back in the autocast
+dtype (bf16 on GPU), weight gradients in the weight's dtype (fp32), so DDP and the optimizer are unchanged.
+
+The claim: about +30% training throughput at 1.3B with no measurable quality loss. The block GEMMs run up to
+2x faster; attention, the head, the casts and everything else do not, hence ~1.3x end to end. That needs an
+H100 and torch.compile (eager, the extra amax and cast kernels eat the gain); `python fp8.py` measures it.
+
+    python train.py --fp8                           # delayed scaling (the recipe's)
+    python train.py --fp8 --fp8_recipe=current      # current scaling
+    python fp8.py                                   # FP8 vs bf16 on the recipe's linears (H100)
+    with fp8.disabled(model): ...                   # run the converted linears in high precision (evaluation)
+"""
+
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+HISTORY_LEN = 128  # amax history of delayed scaling (RECIPE.md section 5)
+# a GEMM with a side under 128 is too small to be compute-bound: the amax reductions and casts around it cost
+# more than FP8 saves. Every block linear of the 1.3B model is >= 1536 wide; the cpu preset (n_embd 128) converts.
+MIN_FEATURES = 128
+RECIPES = ("delayed", "current")
+TENSORS = ("input", "weight", "grad_output")  # the three tensors that get a scale (and, delayed, a history)
+
+# -----------------------------------------------------------------------------
+# scales, casts and the checked scaled matmul
+
+
+def dequant_scale(amax, dtype):
+    # fp32 dequantisation scale: x ~= x_fp8 * scale. torch.where, not `if`: no data-dependent Python under compile
+    amax = amax.float()
+    return torch.where(amax > 0, amax / torch.finfo(dtype).max, torch.ones_like(amax))
+
+
+def to_fp8(x, scale, dtype):
+    # saturating cast: under delayed scaling this step's values may exceed the history's amax
+    fmax = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+
+
+def delayed_amax(history, amax):
+    # the largest amax of the last history_len steps; an empty (all-zero) history falls back to this step's
+    past = history.max()
+    return torch.where(past > 0, past, amax.float())
+
+
+@torch.no_grad()
+def push(history, amax):
+    # roll the window: the oldest amax leaves at the front, this step's enters at the end (in place: a buffer)
+    history.copy_(torch.cat([history[1:], amax.detach().float().view(1)]))
+
+
+def check_scaled_mm(a, b, scale_a, scale_b):
+    """Raise ValueError unless a @ b meets the CUDA rules of torch._scaled_mm (RECIPE.md section 5)."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"_scaled_mm takes 2-D operands, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype not in (E4M3, E5M2) or b.dtype not in (E4M3, E5M2):
+        raise ValueError(f"_scaled_mm takes fp8 operands, got {a.dtype} and {b.dtype}")
+    if a.dtype == b.dtype == E5M2:
+        raise ValueError("_scaled_mm does not support E5M2 x E5M2: quantize one operand to E4M3")
+    if a.stride(1) != 1:
+        raise ValueError(f"first operand must be row-major (stride(1) == 1), got stride {a.stride()}")
+    if b.stride(0) != 1:
+        raise ValueError(f"second operand must be column-major (stride(0) == 1), got stride {b.stride()}: "
+                         f"pass w.t() of a row-major w, or x.t().contiguous().t()")
+    if a.size(1) % 16 or b.size(1) % 16:
+        raise ValueError(f"inner and output dims must be multiples of 16, got ({a.size(0)}, {a.size(1)}) x "
+                         f"({b.size(0)}, {b.size(1)})")
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(f"{name} must be one fp32 value (a tensorwise dequantisation scale), got "
+                             f"{s.dtype} of shape {tuple(s.shape)}")
+
+
+def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum):
+    check_scaled_mm(a, b, scale_a, scale_b)
+    # outside autocast: CPU's _scaled_mm otherwise loses accuracy (its inner matmul gets autocast to bf16)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """y = x @ w.T in E4M3 x E4M3; backward in E5M2 (grad) x E4M3 (saved operand), outputs in high precision."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_scale, w_scale, g_history, out_dtype, update):
+        x8, w8 = to_fp8(x, x_scale, E4M3), to_fp8(w, w_scale, E4M3)
+        ctx.save_for_backward(x8, w8, x_scale, w_scale)  # fp8 activations: half the memory of bf16
+        # a history is mutated in backward, so it rides on ctx, outside save_for_backward's version check
+        ctx.g_history, ctx.update, ctx.x_dtype, ctx.w_dtype = g_history, update, x.dtype, w.dtype
+        # fast accumulation only here: the backward GEMMs sum over more terms and keep full accumulation
+        return scaled_mm(x8, w8.t(), x_scale, w_scale, out_dtype, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        x8, w8, x_scale, w_scale = ctx.saved_tensors
+        g = g.contiguous()
+        g_amax = g.detach().abs().amax().float()
+        if ctx.g_history is None:
+            g_scale = dequant_scale(g_amax, E5M2)
+        else:
+            g_scale = dequant_scale(delayed_amax(ctx.g_history, g_amax), E5M2)
+            if ctx.update:
+                push(ctx.g_history, g_amax)
+        g8 = to_fp8(g, g_scale, E5M2)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): w8 (N, K) as column-major needs a transposed copy
+            grad_x = scaled_mm(g8, w8.t().contiguous().t(), g_scale, w_scale, ctx.x_dtype, fast_accum=False)
+        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K): both operands need a transposed copy
+            grad_w = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), g_scale, x_scale, ctx.w_dtype,
+                               fast_accum=False)
+        return grad_x, grad_w, None, None, None, None, None
+
+# -----------------------------------------------------------------------------
+# the module and the conversion
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear whose matmul runs in FP8 (module docstring). Same Parameters and state_dict keys as nn.Linear;
+    `enabled = False` (or fp8.disabled(model)) runs it as a plain high-precision nn.Linear."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, recipe="delayed",
+                 history_len=HISTORY_LEN):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        self.recipe, self.enabled = recipe, True
+        if recipe == "delayed":  # non-persistent: the model's state_dict stays that of nn.Linear
+            for t in TENSORS:
+                self.register_buffer(f"amax_history_{t}", torch.zeros(history_len, device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear, recipe="delayed", history_len=HISTORY_LEN):
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", recipe=recipe,
+                  history_len=history_len)
+        # the same Parameter objects: param_groups, an existing optimizer and the state_dict keys stay valid
+        new.weight, new.bias = linear.weight, linear.bias
+        for name, _ in list(new.named_buffers()):
+            setattr(new, name, torch.zeros(history_len, device=linear.weight.device))
+        return new
+
+    def history(self, t):
+        return getattr(self, f"amax_history_{t}", None)
+
+    def scale(self, t, x):
+        amax = x.detach().abs().amax().float()
+        history = self.history(t)
+        if history is None:
+            return dequant_scale(amax, E4M3)
+        scale = dequant_scale(delayed_amax(history, amax), E4M3)
+        if self.training:
+            push(history, amax)
+        return scale
+
+    def forward(self, x):
+        if not self.enabled:
+            return super().forward(x)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (B, T, C) -> (B*T, C), row-major
+        pad = -x2.size(0) % 16  # tokens are grad_w's inner dim: pad with zero rows, which add nothing
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        y = _Float8Matmul.apply(x2, self.weight, self.scale("input", x2), self.scale("weight", self.weight),
+                                self.history("grad_output"), out_dtype, self.training)
+        y = y[:y.size(0) - pad].view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fp8={self.recipe}" + ("" if self.enabled else " (disabled)")
+
+
+def convert_to_fp8(model, recipe="delayed", history_len=HISTORY_LEN, min_features=MIN_FEATURES):
+    """Swap the nn.Linear modules inside model.blocks for Float8Linear, in place, sharing their Parameters.
+
+    Call before torch.compile and DDP. Embedding, tied head and attention stay in high precision. Returns
+    [(module name, reason)] for the block linears left in high precision (a dim not a multiple of 16 or under
+    min_features)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    skipped = []
+    for name, linear in list(model.blocks.named_modules(prefix="blocks")):
+        if type(linear) is not nn.Linear:
+            continue
+        dims = (linear.in_features, linear.out_features)
+        if any(d % 16 for d in dims):
+            skipped.append((name, f"{dims[0]}->{dims[1]} is not a multiple of 16 (FP8 GEMMs need it)"))
+        elif min(dims) < min_features:
+            skipped.append((name, f"{dims[0]}->{dims[1]} is under min_features={min_features}: too small for "
+                                  f"FP8 to gain"))
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Float8Linear.from_linear(linear, recipe, history_len))
+    return skipped
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """with fp8.disabled(model): run every Float8Linear as a plain linear (e.g. a high-precision evaluation).
+    Under torch.compile the first call each way compiles once more (the flag is guarded)."""
+    mods = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+def fp8_modules(model):
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):  # torch.compile and DDP wrappers
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return {name: m for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+
+
+def fp8_state_dict(model):
+    """Delayed scaling's amax histories, {module name: {tensor: history}} on the CPU; {} for current scaling."""
+    return {name: {t: m.history(t).detach().cpu().clone() for t in TENSORS}
+            for name, m in fp8_modules(model).items() if m.recipe == "delayed"}
+
+
+@torch.no_grad()
+def load_fp8_state_dict(model, state):
+    """Restore fp8_state_dict's histories. A history of another length keeps its newest entries."""
+    mods = fp8_modules(model)
+    unknown = sorted(set(state) - set(mods))
+    if unknown:
+        raise ValueError(f"fp8 state for modules this model has not converted to FP8: {', '.join(unknown)}")
+    for name, histories in state.items():
+        for t, saved in histories.items():
+            h = mods[name].history(t)
+            if h is not None:  # current scaling keeps no history: nothing to restore
+                n = min(len(h), len(saved))
+                h.zero_()
+                h[len(h) - n:] = saved[len(saved) - n:].to(h.device)
+
+# -----------------------------------------------------------------------------
+# benchmark: python fp8.py
+
+
+def benchmark(shapes, tokens, device, iters, warmup, compile=True):
+    print(f"forward+backward of one linear at {tokens} tokens, fp32 master weights under bf16 autocast, "
+          f"median of {iters} after {warmup} warm-up, {'compiled' if compile else 'eager'}, {device}")
+    total = {"bf16": 0.0, "fp8": 0.0}
+    for k, n in shapes:
+        base = nn.Linear(k, n, bias=False, device=device)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        ms = {}
+        for label, layer in (("bf16", base), ("fp8", Float8Linear.from_linear(base))):
+            step = torch.compile(layer) if compile else layer
+            times = []
+            for i in range(warmup + iters):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    step(x).float().square().mean().backward()  # a stand-in loss; its cost is the same for both
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(1000 * (time.perf_counter() - t0))
+            ms[label] = statistics.median(times)
+            total[label] += ms[label]
+        print(f"{k:>5} -> {n:<5}  bf16 {ms['bf16']:8.3f} ms   fp8 {ms['fp8']:8.3f} ms   fp8 speed-up "
+              f"{ms['bf16'] / ms['fp8']:.2f}x")
+    print(f"all four      bf16 {total['bf16']:8.3f} ms   fp8 {total['fp8']:8.3f} ms   fp8 speed-up "
+          f"{total['bf16'] / total['fp8']:.2f}x")
+
+
+def benchmark_model(n_layer, batch_size, seq_len, device, iters, warmup):
+    """A whole training step (forward, backward, AdamW) of the 1536-wide Xmodel-2.5 shape, bf16 vs FP8."""
+    from model import GPT, GPTConfig
+    print(f"training step of xmodel-2.5 with n_layer={n_layer}, {batch_size} x {seq_len} tokens, compiled, bf16 "
+          f"autocast, median of {iters} after {warmup} warm-up")
+    ms = {}
+    for label in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("xmodel-2.5", n_layer=n_layer, block_size=seq_len)).to(device)
+        if label == "fp8":
+            convert_to_fp8(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        step_fn = torch.compile(model)
+        idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
+        times, losses = [], []
+        for i in range(warmup + iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_fn(idx[:, :-1], idx[:, 1:])[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
+            losses.append(loss.item())
+        ms[label] = statistics.median(times)
+        print(f"  {label}: {ms[label]:8.2f} ms/step, {batch_size * seq_len / ms[label] * 1000:,.0f} tokens/s, "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        del model, opt, step_fn
+        torch.cuda.empty_cache()
+    print(f"  fp8 speed-up {ms['bf16'] / ms['fp8']:.2f}x")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="FP8 vs bf16: the recipe's linears, then a whole training step")
+    ap.add_argument("--n_layer", type=int, default=8, help="layers of the 1536-wide model in the step benchmark")
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--seq_len", type=int, default=2048)
+    args = ap.parse_args()
+    # the 1.3B model's block linears (RECIPE.md section 1): fused QKV, attention out, fused gate+up, down
+    RECIPE_SHAPES = [(1536, 2560), (1536, 1536), (1536, 7680), (3840, 1536)]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        benchmark(RECIPE_SHAPES, 8192, torch.device("cuda"), iters=50, warmup=10)
+        benchmark_model(args.n_layer, args.batch_size, args.seq_len, torch.device("cuda"), iters=20, warmup=5)
+    else:
+        print("the FP8 figures need an FP8 GPU (H100-class, sm_89+); on this machine only a tiny sanity run, "
+              "whose timings mean nothing (a CPU has no FP8 units)")
+        benchmark([(k // 16, n // 16) for k, n in RECIPE_SHAPES], 256, torch.device("cpu"), iters=5, warmup=1,
+                  compile=False)
