@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fp8
 import prepare_data
 from model import GPT, GPTConfig, PRESETS
 from muon import Muon
@@ -374,7 +375,6 @@ def train(args):
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
-        import fp8
         skipped = fp8.convert_to_fp8(model, recipe=args.fp8_recipe)
         for name, reason in skipped:
             log(f"fp8: {name} stays in {args.dtype}: {reason}")
