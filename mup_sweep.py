@@ -33,7 +33,7 @@ def run(width, lr, mup, train_args, head_dim):
         try:
             val = train.main(argv + [f"--out_dir={out}", "--keep_ckpts=1"])["val_loss"]
         except SystemExit as e:  # a diverged run (NaN loss) is a data point, not a crash
-            if "loss is" not in str(e):
+            if "stopped without saving" not in str(e):
                 raise
             val = float("nan")
     return val

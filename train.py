@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -269,7 +270,7 @@ def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
 
 def load_ckpt(path, config, tokenizer):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # 8 ranks, one copy in RAM
         assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION
     except Exception as e:
         raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
@@ -285,16 +286,17 @@ def load_ckpt(path, config, tokenizer):
 
 
 def rng_state():
+    # cuda: this process's device only, so a checkpoint resumes on a node with fewer (visible) GPUs
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(s["cuda"])
 
 # -----------------------------------------------------------------------------
 # the optimizer factory: muP param groups in, an optimizer out
@@ -335,12 +337,13 @@ def train(args):
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" and ddp else args.device)
+    device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and ddp else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.compile is None:
@@ -349,9 +352,9 @@ def train(args):
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext())
 
-    # data (the default corpus is built on first use, by one process)
+    # data (the default corpus is built on first use, by one process per node)
     if args.data_dir == prepare_data.DEFAULT_DATA_DIR and not os.path.exists(os.path.join(args.data_dir, "meta.json")):
-        if master:
+        if local_rank == 0:
             prepare_data.prepare_embedded(args.data_dir)
         if ddp:
             dist.barrier()
@@ -374,6 +377,9 @@ def train(args):
         loader.check_fits(args.batch_size, args.block_size)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
+    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise SystemExit(f"train.py: error: --fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                         f"{torch.cuda.get_device_name(device)} has none; drop --fp8")
     if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
         skipped = fp8.convert_to_fp8(model, recipe=args.fp8_recipe)
         for name, reason in skipped:
@@ -435,12 +441,13 @@ def train(args):
         else:
             log(f"the run already reached --max_iters={args.max_iters}; raise it to train further")
 
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+    raw_model = ddp_model = model
     if ddp:
         # no buffer broadcast: RoPE tables are equal everywhere, and FP8 amax histories stay each rank's own
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                broadcast_buffers=False)
+    if args.compile:  # after DDP, so the compiled graph is split at gradient buckets and all-reduce overlaps
+        model = torch.compile(model)
 
     def all_mean(x):
         if ddp:
@@ -504,19 +511,21 @@ def train(args):
             x, y = train_loader.next_batch(args.batch_size, args.block_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
-            with (nullcontext() if sync else model.no_sync()), autocast:
+            with (nullcontext() if sync else ddp_model.no_sync()), autocast:
                 _, loss = model(x, y)
             (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         loss = all_mean(loss_sum / accum).item()
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # the same on every rank: all stop
             where = f"the last good checkpoint is step {last_saved} in {args.out_dir} (--resume)" if last_saved \
                 else "no checkpoint was written yet"
-            raise SystemExit(f"train.py: error: loss is {loss} at step {step}; stopped without saving; {where}; "
-                             f"try a lower --lr or --grad_clip")
+            raise SystemExit(f"train.py: error: loss {loss}, gradient norm {grad_norm.item()} at step {step}; stopped "
+                             f"without saving; {where}; try a lower --lr or --grad_clip")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # count the optimizer's kernels in the step time
         dt = time.perf_counter() - t0
 
         tokens_per_sec = accum * args.batch_size * args.block_size * world_size / dt

@@ -544,7 +544,20 @@ def test_resume_on_data_that_does_not_fit_the_checkpoint(ref_run, data_dir, tmp_
     assert msg.startswith("train.py: error:") and "\n" not in msg and "data" in msg
 
 
-def test_nan_loss_stops_and_names_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+class InfGrad(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss over an overflowing backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad"])
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, bad):
     forward, calls, before = GPT.forward, [0], {}
 
     def nan_forward(self, idx, targets=None):
@@ -553,7 +566,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(data_dir, tmp_path, m
             calls[0] += 1
             if calls[0] > 2 * 7:  # from step 7 on
                 before.setdefault("files", snapshot(tmp_path))
-                loss = loss * float("nan")
+                loss = loss * float("nan") if bad == "loss" else InfGrad.apply(loss)
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", nan_forward)
