@@ -309,7 +309,8 @@ if __name__ == "__main__":
           + (f"{'torch/triton':>14s}" if len(paths) > 1 else ""))
     for shape in shapes:
         G = torch.randn(layers, *shape, device=device)
-        ms = {k: _time(lambda: zeropower_via_newtonschulz(G, use_triton=v), args.repeats, cuda) for k, v in paths.items()}
+        ms = {k: _time(lambda: zeropower_via_newtonschulz(G, use_triton=v), args.repeats, cuda)
+              for k, v in paths.items()}
         print(f"{str(shape):28s}" + "".join(f"{t:12.2f}" for t in ms.values())
               + (f"{ms['torch'] / ms['triton']:14.2f}" if len(paths) > 1 else ""))
     params = [torch.nn.Parameter(torch.randn(*s, device=device) * 0.02) for s in shapes for _ in range(layers)]

@@ -3,7 +3,7 @@ train.py: train a nanoXmodel with the Xmodel-2.5 recipe's Warmup-Stable-Decay sc
 
 One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs and nodes.
 
-    python train.py                                    # CPU: small model on the embedded corpus, ~4 min
+    python train.py                                    # CPU: small model on the embedded corpus, ~2 min
     python train.py --dry_run                          # print the resolved config and the LR schedule, train nothing
     python train.py --preset=nano --data_dir=data/X    # the 20M muP proxy on one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=xmodel-2.5 --data_dir=data/X
@@ -23,7 +23,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -157,7 +156,8 @@ def get_parser():
     flag(g, "eval_iters", type=int, default=None, help="validation batches per process; " + per_preset("eval_iters"))
     flag(g, "log_interval", type=int, default=None, help="steps between log lines; " + per_preset("log_interval"))
     flag(g, "ckpt_interval", type=int, default=None, help=per_preset("ckpt_interval"))
-    flag(g, "keep_ckpts", type=int, default=3, help="newest checkpoints kept, 0 = all (the one at decay start always stays)")
+    flag(g, "keep_ckpts", type=int, default=3,
+         help="newest checkpoints kept, 0 = all (the one at decay start always stays)")
     flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
          "or --resume=PATH for a given one")
     flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
@@ -176,7 +176,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.decay_frac is not None:
         args.decay_iters = round(args.decay_frac * args.max_iters)
-    if not 0 <= args.warmup_iters <= args.max_iters - args.decay_iters:
+    if not 0 <= args.warmup_iters <= decay_start(args):
         raise SystemExit(f"train.py: error: warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not "
                          f"fit in --max_iters={args.max_iters}")
     return args
@@ -185,21 +185,24 @@ def parse_args(argv=None):
 # the Warmup-Stable-Decay schedule
 
 
+def decay_start(args):
+    return args.max_iters - args.decay_iters  # the decay window is the run's last decay_iters steps
+
+
 def lr_mult(step, args):
     """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, then decay to min_lr_ratio."""
     if step < args.warmup_iters:
         return (step + 1) / args.warmup_iters
-    decay_start = args.max_iters - args.decay_iters
-    if step < decay_start:
+    if step < decay_start(args):
         return 1.0
-    t = (step - decay_start + 1) / args.decay_iters  # reaches 1 on the last step
+    t = (step - decay_start(args) + 1) / args.decay_iters  # reaches 1 on the last step
     return args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
 
 
 def phase(step, args):
     if step < args.warmup_iters:
         return "warmup"
-    if step >= args.max_iters - args.decay_iters:
+    if step >= decay_start(args):
         return "decay"
     return "stable2" if 0 < args.batch_double_step <= step else "stable"
 
@@ -215,15 +218,15 @@ def grad_accum_steps(step, args, world_size):
 
 
 def optimizer_kind(step, args):
-    if args.optimizer == "muon" or (args.muon_at_decay and step >= args.max_iters - args.decay_iters):
+    if args.optimizer == "muon" or (args.muon_at_decay and step >= decay_start(args)):
         return "muon"
     return "adamw"
 
 
 def print_schedule(args, groups, world_size):
-    decay_start = args.max_iters - args.decay_iters
-    marks = {0, args.warmup_iters - 1, decay_start - 1, decay_start, args.max_iters - 1}
-    marks |= {args.max_iters - args.decay_iters + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
+    start = decay_start(args)
+    marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1}
+    marks |= {start + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
     if args.batch_double_step > 0:
         marks |= {args.batch_double_step - 1, args.batch_double_step}
     print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
@@ -233,7 +236,8 @@ def print_schedule(args, groups, world_size):
         accum = grad_accum_steps(s, args, world_size)
         print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
               + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
-              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6} {optimizer_kind(s, args):>9}")
+              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}"
+              + f" {optimizer_kind(s, args):>9}")
 
 # -----------------------------------------------------------------------------
 # checkpoints: everything needed to continue bit-for-bit, written atomically
@@ -425,7 +429,7 @@ def train(args):
                          f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
     stale = [p for s, p in ckpts if s > start_step] if args.overwrite else []
 
-    decay_start = args.max_iters - args.decay_iters
+    decay_at = decay_start(args)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -478,7 +482,7 @@ def train(args):
                          model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
                          train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val,
                          fp8=fp8.fp8_state_dict(raw_model) if args.fp8 else None)
-            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_start, replaced=stale)
+            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_at, replaced=stale)
             stale.clear()
             log(f"saved {path}")
 
@@ -487,7 +491,7 @@ def train(args):
     for step in range(start_step, args.max_iters):
         if step == args.batch_double_step and step > 0:
             log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
-        if step == decay_start:
+        if step == decay_at:
             log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
         if optimizer_kind(step, args) != opt_kind:
             # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
@@ -516,11 +520,11 @@ def train(args):
             (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        loss = all_mean(loss_sum / accum).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # the same on every rank: all stop
+        loss, grad_norm = all_mean(loss_sum / accum).item(), grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
             where = f"the last good checkpoint is step {last_saved} in {args.out_dir} (--resume)" if last_saved \
                 else "no checkpoint was written yet"
-            raise SystemExit(f"train.py: error: loss {loss}, gradient norm {grad_norm.item()} at step {step}; stopped "
+            raise SystemExit(f"train.py: error: loss {loss}, gradient norm {grad_norm} at step {step}; stopped "
                              f"without saving; {where}; try a lower --lr or --grad_clip")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -530,14 +534,14 @@ def train(args):
 
         tokens_per_sec = accum * args.batch_size * args.block_size * world_size / dt
         mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, args.block_size, device)
-        write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
+        write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
                        mfu=mfu, phase=phase(step, args), optimizer=opt_kind))
         if step % args.log_interval == 0 or step == args.max_iters - 1:
             log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
                 f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
                 + f" | {1000 * dt:.0f} ms")
         done = step + 1
-        if done == args.max_iters or done == decay_start or (args.ckpt_interval and done % args.ckpt_interval == 0):
+        if done == args.max_iters or done == decay_at or (args.ckpt_interval and done % args.ckpt_interval == 0):
             checkpoint(done)
             last_saved = done
 
