@@ -343,6 +343,8 @@ def train(args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and ddp else args.device)
     if device.type == "cuda":
+        # set_device wants an index; plain "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
