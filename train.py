@@ -25,7 +25,7 @@ import random
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import timedelta
 
 import numpy as np
@@ -102,6 +102,9 @@ def get_parser():
     g = p.add_argument_group("data")
     flag(g, "data_dir", default=prepare_data.DEFAULT_DATA_DIR,
          help="token shards from prepare_data.py; the default is built on first use")
+    flag(g, "init_from", default=None, metavar="DIR_OR_HUB_ID",
+         help="start from a Hugging Face checkpoint in the Xmodel format (hf.py), e.g. a released stable-phase "
+              "one: its architecture and weights replace --preset's (only --block_size applies)")
 
     g = p.add_argument_group("optimization (AdamW and muP values: RECIPE.md section 2)")
     flag(g, "optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the hidden matrices "
@@ -318,6 +321,19 @@ def build_optimizer(model, args, device, kind):
     raise ValueError(f"unknown optimizer {kind}")
 
 
+def init_from(args, preset_config, meta, log):
+    """The --init_from checkpoint's config, with this run's block_size (a release says 131072), and weights."""
+    import hf  # Hugging Face interop: needs safetensors, and huggingface_hub for a hub id
+    given = [k for k in MODEL_FIELDS if getattr(args, k) is not None and k != "block_size"]
+    if given:
+        raise ValueError(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")
+    pretrained, tokenizer = hf.load_pretrained(args.init_from)
+    if tokenizer is not None and tokenizer != meta["tokenizer"]:
+        log(f"warning: {args.init_from} ships {tokenizer}; {args.data_dir} was tokenized with {meta['tokenizer']}: "
+            f"the two must be the same tokenizer (prepare_data.py --tokenizer={tokenizer})")
+    return replace(pretrained.config, block_size=preset_config.block_size).validate(), pretrained.state_dict()
+
+
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_mult"]
@@ -373,6 +389,8 @@ def train(args):
     overrides.setdefault("vocab_size", -(-meta["vocab_size"] // 64) * 64)  # pad to 64 for faster matmuls
     try:
         config = GPTConfig.from_preset(args.preset, **overrides)
+        if args.init_from:
+            config, pretrained = init_from(args, config, meta, log)
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}")
     if config.vocab_size < meta["vocab_size"]:
@@ -383,6 +401,9 @@ def train(args):
         loader.check_fits(args.batch_size, args.block_size)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
+    if args.init_from and not args.resume:  # a resumed run's checkpoint has newer weights
+        model.load_state_dict(pretrained)
+    pretrained = None
     if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise SystemExit(f"train.py: error: --fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
                          f"{torch.cuda.get_device_name(device)} has none; drop --fp8")
