@@ -295,7 +295,8 @@ def load_fp8_state_dict(model, state):
 
 def benchmark(shapes, tokens, device, iters, warmup, compile=True):
     print(f"forward+backward of one linear at {tokens} tokens, fp32 master weights under bf16 autocast, "
-          f"median of {iters} after {warmup} warm-up, {'compiled' if compile else 'eager'}, {device}")
+          f"{iters} back-to-back after {warmup} warm-up (device time, not launch overhead), "
+          f"{'compiled' if compile else 'eager'}, {device}")
     total = {"bf16": 0.0, "fp8": 0.0}
     for k, n in shapes:
         base = nn.Linear(k, n, bias=False, device=device)
@@ -303,18 +304,20 @@ def benchmark(shapes, tokens, device, iters, warmup, compile=True):
         ms = {}
         for label, layer in (("bf16", base), ("fp8", Float8Linear.from_linear(base))):
             step = torch.compile(layer) if compile else layer
-            times = []
-            for i in range(warmup + iters):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
+
+            def run():
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     step(x).float().square().mean().backward()  # a stand-in loss; its cost is the same for both
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(1000 * (time.perf_counter() - t0))
-            ms[label] = statistics.median(times)
+            for _ in range(warmup):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):  # no sync in between: the host queues ahead, the GPU's time is measured
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms[label] = 1000 * (time.perf_counter() - t0) / iters
             total[label] += ms[label]
         print(f"{k:>5} -> {n:<5}  bf16 {ms['bf16']:8.3f} ms   fp8 {ms['fp8']:8.3f} ms   fp8 speed-up "
               f"{ms['bf16'] / ms['fp8']:.2f}x")
