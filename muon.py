@@ -64,6 +64,7 @@ POLAR_EXPRESS = [
     (1.875, -1.25, 0.375),
 ]
 TRITON_BLOCKS = (128, 64)  # output tile and k step of the Triton kernel (tests shrink them)
+TRITON_LAUNCH = dict(num_warps=8, num_stages=3)  # for 128-wide tiles; `python muon.py --tune` times others
 
 
 def ns_coefficients(coeffs, steps):
@@ -136,28 +137,29 @@ def _kernel():
     return triton.jit(_syrk_kernel)
 
 
-def _launch(X, poly, b=0.0, c=0.0, block=None, block_k=None):
+def _launch(X, poly, b=0.0, c=0.0, block=None, block_k=None, launch=None):
     block, block_k = block or TRITON_BLOCKS[0], block_k or TRITON_BLOCKS[1]
+    launch = launch or (TRITON_LAUNCH if block >= 128 else dict(num_warps=4, num_stages=3))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     assert X.is_cuda or interpret, "the Triton path needs CUDA tensors (or TRITON_INTERPRET=1)"
-    X = X.reshape(-1, *X.shape[-2:]).contiguous()
+    X = X.reshape(-1, *X.shape[-2:])  # any strides (a transposed X too): the kernel takes them as arguments
     kernel = _kernel()
     n, M, K = X.shape
     out = X.new_empty(n, M, M)
     tiles = triton.cdiv(M, block)
     kernel[(tiles, tiles, n)](X, out, M, K, b, c, *X.stride(), *out.stride(), BLOCK=block, BLOCK_K=block_k,
-                              POLY=poly, UPCAST=interpret, num_warps=8 if block >= 128 else 4, num_stages=3)
+                              POLY=poly, UPCAST=interpret, **launch)
     return out
 
 
-def sym_matmul(X, block=None, block_k=None):
+def sym_matmul(X, block=None, block_k=None, launch=None):
     """A = X X^T for X of shape (m, k) or (batch, m, k), computing the upper-triangle tiles only."""
-    return _launch(X, False, block=block, block_k=block_k).reshape(*X.shape[:-1], X.size(-2))
+    return _launch(X, False, block=block, block_k=block_k, launch=launch).reshape(*X.shape[:-1], X.size(-2))
 
 
-def sym_poly(A, b, c, block=None, block_k=None):
+def sym_poly(A, b, c, block=None, block_k=None, launch=None):
     """b A + c A A for symmetric A of shape (m, m) or (batch, m, m), upper-triangle tiles only."""
-    return _launch(A, True, b, c, block, block_k).reshape(A.shape)
+    return _launch(A, True, b, c, block, block_k, launch).reshape(A.shape)
 
 # -----------------------------------------------------------------------------
 # the optimizer: Muon for the hidden matrices, AdamW for the rest
@@ -293,6 +295,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="time Newton-Schulz and a Muon step at the recipe's shapes")
     ap.add_argument("--layers", type=int, default=None, help="matrices per shape (default: 48 on CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up; the median is shown")
+    ap.add_argument("--tune", action="store_true", help="time the Triton kernel's tile configurations (GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     div = 1 if cuda else 8  # CPU: an eighth of each side
@@ -302,6 +305,28 @@ if __name__ == "__main__":
     device = "cuda" if cuda else "cpu"
     paths = {"torch": False, "triton": True} if cuda and importlib.util.find_spec("triton") else {"torch": False}
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {layers} layers, median of {args.repeats}")
+    if args.tune:  # each product alone, per tile config (block, block_k, warps, stages), vs cuBLAS
+        assert cuda, "--tune needs a GPU"
+        configs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3),
+                   (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 5)]
+        for rows, cols in [(1536, 1536), (1536, 2560), (1536, 3840), (1536, 7680)]:  # X as NS sees it, wide
+            X = torch.randn(layers, rows, cols, device=device).bfloat16()
+            A = (X @ X.mT) / cols
+            ref = {"xxt": _time(lambda: X @ X.mT, args.repeats, cuda),
+                   "poly": _time(lambda: torch.baddbmm(A, A, A, beta=-4.7, alpha=2.0), args.repeats, cuda)}
+            print(f"{(rows, cols)}: torch X X^T {ref['xxt']:.2f} ms, b A + c A A {ref['poly']:.2f} ms")
+            for bm, bk, w, st in configs:
+                kw = dict(block=bm, block_k=bk, launch=dict(num_warps=w, num_stages=st))
+                try:
+                    t_x = _time(lambda: sym_matmul(X, **kw), args.repeats, cuda)
+                    t_p = _time(lambda: sym_poly(A, -4.7, 2.0, **kw), args.repeats, cuda)
+                    xt = X.mT.contiguous().mT  # the same X, stored transposed (NS's tall matrices)
+                    t_t = _time(lambda: sym_matmul(xt, **kw), args.repeats, cuda)
+                    print(f"  tile {bm}x{bm}, k {bk}, {w} warps, {st} stages: X X^T {ref['xxt'] / t_x:.2f}x, "
+                          f"transposed X {ref['xxt'] / t_t:.2f}x, poly {ref['poly'] / t_p:.2f}x")
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"  tile {bm}x{bm}, k {bk}, {w} warps, {st} stages: failed: {str(e).splitlines()[0][:80]}")
+        raise SystemExit
     if not cuda:
         print("CPU: torch path only, at 1/8 of the recipe's sides; the Triton figures need a GPU "
               "(and torch.optim.Muon's bf16 matmuls are slow on a CPU)")
