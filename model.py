@@ -69,15 +69,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv.weight.fused_rows = [config.n_head * self.head_dim] + [config.n_kv_head * self.head_dim] * 2
         self.scale = config.attn_scale
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if cache is None:  # training and scoring: the sequence attends to itself, causally
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        else:  # generation: append to the cache, attend over everything cached (same muP scale)
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, is_causal=cache.causal,
+                                               scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -103,10 +108,48 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin):
-        x = x + self.residual_scale * self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.residual_scale * self.attn(self.attn_norm(x), cos, sin, cache, layer)
         x = x + self.residual_scale * self.mlp(self.mlp_norm(x))
         return x
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, so generation runs one new token per step.
+
+    Preallocated per layer as (B, n_kv_head, max_len, head_dim), in the dtype the keys first come in (bf16 under
+    autocast). GPT.forward(idx, cache=c) runs idx at positions c.pos .. c.pos+T-1 (RoPE read at that offset),
+    appends its keys and values and advances c.pos. pad (B,) counts left-padding tokens per row: no query attends
+    to them, and since attention sees only relative positions, a left-padded row computes what it would alone.
+    """
+
+    def __init__(self, config, batch_size, max_len, pad=None):
+        if max_len > config.block_size:
+            raise ValueError(f"cache of {max_len} positions is longer than block_size={config.block_size}")
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = self.v = self.mask = None
+        self.pos, self.max_len, self.pad, self.causal = 0, max_len, pad, False
+
+    def prepare(self, T, device):
+        """The attention mask for the next T tokens, set once per forward and shared by every layer."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"{self.pos} cached + {T} new tokens overflow the cache of {self.max_len}")
+        # unpadded, two cases need no mask: a prompt from position 0 (plain causal) and one new token (sees all)
+        self.causal, self.mask = self.pad is None and self.pos == 0 and T > 1, None
+        if self.pad is not None or (self.pos > 0 and T > 1):
+            q = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+            k = torch.arange(self.pos + T, device=device)
+            self.mask = k <= q  # causal with the queries offset by pos: (T, pos+T)
+            if self.pad is not None:  # a padding query still sees itself, so no softmax row is empty
+                self.mask = (self.mask & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, pos+T)
+
+    def update(self, layer, k, v):
+        if self.k is None:
+            self.k, self.v = k.new_empty(self.shape), v.new_empty(self.shape)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 # -----------------------------------------------------------------------------
 # config and presets
@@ -237,14 +280,20 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.wte(idx) * self.config.scale_emb
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        pos = 0 if cache is None else cache.pos  # with a cache, idx continues the cached tokens
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if cache is not None:
+            cache.prepare(T, idx.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+            x = x[:, -1:]  # generation needs the last position's logits only
         x = self.norm(x)
         # tied output head; the muP output_scale/m multiplies h (d wide), not the logits (V wide): same, cheaper
         logits = F.linear(x * self.config.logit_mult, self.wte.weight)
@@ -288,10 +337,25 @@ class GPT(nn.Module):
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        # plain generation without a cache: re-runs the whole (cropped) context for every token
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pad=None, stop=None):
+        """Append max_new_tokens tokens to idx (B, T) and return it; temperature=0 is greedy.
+
+        use_cache=True runs the prompt once, then each new token against the KV cache. use_cache=False is the
+        reference: every step re-runs the whole context, cropped to block_size (a cached run does the same once
+        it outgrows block_size). pad (B,): left-padding tokens per row, to batch prompts of different lengths
+        (cache only). stop(new_tokens (B, t)) -> (B,) bool: stop early once it holds for every row."""
+        B, T = idx.shape
+        block_size = self.config.block_size
+        if pad is not None and (not use_cache or T + max_new_tokens > block_size):
+            raise ValueError("pad needs use_cache=True and prompt + max_new_tokens <= block_size")
+        cache = KVCache(self.config, B, min(T + max_new_tokens, block_size), pad) if use_cache and T < block_size \
+            else None
+        fresh = idx  # the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if cache is not None and cache.pos + fresh.size(1) <= cache.max_len:
+                logits, _ = self(fresh, cache=cache)
+            else:  # plain generation: re-run the whole (cropped) context for every token
+                logits, _ = self(idx[:, -block_size:])
             logits = logits[:, -1, :]
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -302,4 +366,7 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat([idx, next_id], dim=1)
+            fresh = next_id
+            if stop is not None and bool(stop(idx[:, T:]).all()):
+                break
         return idx
