@@ -125,13 +125,14 @@ def bench_train(config, args, device, dtype):
                 results[f"{prec} muon optimizer step"] = opt_ms
                 print(f"  {'Muon optimizer step alone':28s} {opt_ms:9.2f} ms = {100 * opt_ms / ms:.1f}% of the "
                       f"training step at this batch")
-                # the recipe's decay phase: 8 GPUs share its batch (train.py's xmodel-2.5 preset), the step grows
-                # with the tokens per GPU while Muon's cost does not (and sharded over 8 ranks it shrinks)
-                p = TRAIN_PRESETS["xmodel-2.5"]
-                per_gpu = p["total_batch_size"] * (2 if p["batch_double_step"] < p["max_iters"] - p["decay_iters"]
-                                                   else 1) / 8
-                print(f"  {'':28s} at the recipe's decay batch ({per_gpu:,.0f} tokens per GPU on 8 GPUs): "
-                      f"{100 * opt_ms / (ms * per_gpu / tokens):.1f}% unsharded")
+                if device.type == "cuda":
+                    # the recipe's decay phase: 8 GPUs share its batch (train.py's xmodel-2.5 preset); the step
+                    # grows with the tokens per GPU, Muon's cost does not (and sharded over the ranks it shrinks)
+                    p = TRAIN_PRESETS["xmodel-2.5"]
+                    doubled = p["batch_double_step"] < p["max_iters"] - p["decay_iters"]
+                    per_gpu = p["total_batch_size"] * (2 if doubled else 1) / 8
+                    print(f"  {'':28s} at the recipe's decay batch ({per_gpu:,.0f} tokens per GPU on 8 GPUs): "
+                          f"{100 * opt_ms / (ms * per_gpu / tokens):.1f}% unsharded")
             del opt
         del model, compiled
         if device.type == "cuda":
