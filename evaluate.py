@@ -20,7 +20,8 @@ The built-in scorer does what lm-eval 0.4.13's task yamls do, so its numbers com
     precedes every training document (the harness's HF path starts with BOS). A row longer than block_size + 1
     loses tokens on the left, never from the continuation.
   - few-shot: one random.Random(1234) per task draws each item's examples, item by item, from the few-shot split;
-    where the harness does (and where the pool is the evaluated file) shots + 1 are drawn and the item dropped.
+    where the harness does (and where the pool is the evaluated file) shots + 1 are drawn and the item dropped
+    (lambada from the hub too, where the harness keeps it). --limit cuts the evaluated items, never the pool.
     MMLU shows the first 5 dev rows of the item's subject. Examples are "context choice", joined by blank lines.
   - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most; flexible-extract takes the last number,
     strict-match the one after "####"; exact match ignores case, commas, "$" and a final ".".
@@ -108,7 +109,7 @@ def winogrande(r):  # partial scoring: the options change the context, the rest 
 
 def mmlu(r):
     desc = f"The following are multiple choice questions (with answers) about {r['subject'].replace('_', ' ')}.\n\n"
-    choices = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", r["choices"]))
+    choices = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", r["choices"], strict=True))  # 4 exactly
     return Doc([f"{r['question'].strip()}{choices}\nAnswer:"], list("ABCD"), int(r["answer"]), r, desc, r["subject"])
 
 
@@ -192,9 +193,19 @@ def gsm8k_normalize(s):  # the yaml's exact_match: ignore case, commas, "$", all
 # data: local jsonl files or the hub, and the prompts with their few-shot examples
 
 
+class Row(dict):  # a row as a task reads it: a null field or a list of non-strings is refused where it is read
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        if v is None or isinstance(v, list) and not all(isinstance(s, str) for s in v):
+            raise TypeError(f"field {key!r} is {'null' if v is None else 'not a list of strings'}")
+        return Row(v) if isinstance(v, dict) else v
+
+
 def to_doc(name, row, where):
     try:
-        doc = TASKS[name].fmt(row)
+        doc = TASKS[name].fmt(Row(row))
+        if not isinstance(doc.answers, list) or not all(isinstance(s, str) for s in doc.prompts + doc.answers):
+            raise TypeError("the choices or answer are not strings in a list")
         if not 0 <= doc.gold < len(doc.prompts) * len(doc.answers):
             raise ValueError(f"answer {doc.gold} is not one of the {len(doc.prompts) * len(doc.answers)} options")
         return doc
@@ -206,16 +217,19 @@ def to_doc(name, row, where):
 
 def read_jsonl(name, path):
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"{path} line {i}: not valid JSON ({e.msg})")
-                if not isinstance(row, dict):
-                    fail(f"{path} line {i}: not a JSON object")
-                docs.append(to_doc(name, row, f"{path} line {i}"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        fail(f"{path} line {i}: not valid JSON ({e.msg})")
+                    if not isinstance(row, dict):
+                        fail(f"{path} line {i}: not a JSON object")
+                    docs.append(to_doc(name, row, f"{path} line {i}"))
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path} ({prepare_data._first_line(e)}); it should be UTF-8 text, a JSON object a line")
     return docs or fail(f"{path} holds no rows")
 
 
@@ -250,11 +264,11 @@ def example(d):  # a solved item, as few-shot examples show it
     return d.prompts[d.gold if len(d.prompts) > 1 else 0] + " " + d.answers[d.gold if len(d.answers) > 1 else 0]
 
 
-def fewshot_contexts(name, docs, pool, shots, seed=1234):
-    """Each doc's description + few-shot examples, drawn as the harness draws them (module docstring)."""
+def fewshot_contexts(name, docs, pool, shots, limit=None, seed=1234):
+    """The description + few-shot examples of each of the first `limit` docs, drawn from the whole pool (docstring)."""
     rnd, own, out = random.Random(seed), pool is None, []
     pool = docs if own else pool
-    for d in docs:
+    for d in docs[:limit]:
         picked = []
         if shots and TASKS[name].sampler == "first_n":
             picked = [p for p in pool if p.group == d.group and p.row != d.row][:shots]
@@ -272,10 +286,10 @@ def fewshot_contexts(name, docs, pool, shots, seed=1234):
     return out
 
 
-def requests_of(name, docs, pool, shots):
-    """The (context, continuation) strings of every option of every doc."""
+def requests_of(name, docs, pool, shots, limit=None):
+    """The (context, continuation) strings of every option of each of the first `limit` docs."""
     return [[(pre + p, " " + a) for p in d.prompts for a in d.answers]
-            for d, pre in zip(docs, fewshot_contexts(name, docs, pool, shots))]
+            for d, pre in zip(docs, fewshot_contexts(name, docs, pool, shots, limit))]
 
 # -----------------------------------------------------------------------------
 # scoring: batched log-likelihoods and KV-cache generation, each rank a share
@@ -414,8 +428,8 @@ def run_task(name, env, args):
     task = TASKS[name]
     shots = task.shots if args.num_fewshot is None else args.num_fewshot
     docs, pool = load_docs(name, args.data_dir, shots)
-    docs = docs[:args.limit] if args.limit else docs
-    reqs = requests_of(name, docs, pool, shots)
+    reqs = requests_of(name, docs, pool, shots, args.limit)  # examples from the whole file, as lm-eval's limit
+    docs = docs[:args.limit]
     scores = {m: [] for m in task.metrics}
     if name == "gsm8k":
         gens = generate_until(env, [r[0][0] for r in reqs], GSM8K_UNTIL, args.max_gen_toks, desc=name)
@@ -459,7 +473,11 @@ def validation(env, args, data_dir):
     B, T = args.val_batch_size, env.model.config.block_size
     loader = prepare_data.TokenLoader(data_dir, "val", env.rank, env.world)
     loader.check_fits(B, T)
-    steps = max(1, args.val_tokens // (B * T * env.world))
+    step = B * T * env.world  # tokens a step scores, reading step + 1 of one shard
+    fit = sum((len(s) - 1) // step for s in loader.shards)  # more steps would wrap around and score tokens twice
+    if args.val_tokens // step > fit and env.rank == 0:
+        print(f"val: the split has {meta['tokens']['val']:,} tokens, fewer than --val_tokens; scoring {fit * step:,}")
+    steps = min(max(1, args.val_tokens // step), fit)
     nats, targets = torch.zeros((), dtype=torch.float64, device=env.device), []
     tick, done = progress(steps, "val", env)
     for _ in range(steps):
@@ -585,23 +603,30 @@ def hf_evaluate_package():
 
 
 def run_harness(env, args, names):
+    offline = not args.data_dir and prepare_data._go_offline_if_unreachable()  # before datasets is imported
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         fail("--harness needs lm-evaluation-harness: pip install lm-eval")
     manager, lm, results = TaskManager(include_defaults=not args.data_dir), harness_model(env, args.max_gen_toks), {}
-    for name in names:
+    for name in [] if args.data_dir else names:  # every task checked before any runs
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=1)
+            fail(f"lm-eval has no task {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    tasks = [harness_task_config(name, args.data_dir) for name in names] if args.data_dir else names
+    for name, task in zip(names, tasks):
         shots = args.num_fewshot  # else ours (RECIPE.md section 6), else the paper's, else the task's own
         if shots is None:
             shots = TASKS[name].shots if name in TASKS else PAPER_XMODEL_2_5.get(name, (None,))[0]
-        if not args.data_dir and name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=1)
-            fail(f"lm-eval has no task {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
-        with hf_evaluate_package():
-            out = lm_eval.simple_evaluate(model=lm, tasks=[harness_task_config(name, args.data_dir) if args.data_dir
-                                                           else name], num_fewshot=shots, limit=args.limit,
-                                          task_manager=manager, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+        try:
+            with hf_evaluate_package():
+                out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=args.limit,
+                                              task_manager=manager,
+                                              confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+        except OSError as e:  # datasets' ConnectionError and DatasetNotFoundError are OSErrors
+            fail(f"--harness {name}: " + ("not in the local datasets cache, and the hub cannot be reached; put "
+                 f"{name}.jsonl in a dir and pass --data_dir=DIR" if offline else prepare_data._first_line(e)))
         if env.rank == 0:
             res = {k.replace(",none", ""): v for k, v in out["results"][name].items()
                    if "," in k and isinstance(v, (int, float))}
@@ -629,8 +654,8 @@ def bench(env, args, names):
     shots = TASKS[name].shots if args.num_fewshot is None else args.num_fewshot
     docs, pool = load_docs(name, args.data_dir, shots) if args.data_dir else \
         (synthetic_docs(args.limit or 200, 0), synthetic_docs(1000, 1))
+    pairs = [encode_pair(env.tok, c, a) for r in requests_of(name, docs, pool, shots, args.limit or 200) for c, a in r]
     docs = docs[:args.limit or 200]
-    pairs = [encode_pair(env.tok, c, a) for r in requests_of(name, docs, pool, shots) for c, a in r]
     tokens = sum(len(c) + len(a) for c, a in pairs)
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
 
@@ -791,6 +816,10 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    for k, low in dict(batch_size=1, val_batch_size=1, limit=1, val_tokens=1, max_gen_toks=1, max_new_tokens=1,
+                       top_k=1, num_fewshot=0, temperature=0).items():
+        if getattr(args, k) is not None and getattr(args, k) < low:
+            fail(f"--{k}={getattr(args, k)}: must be at least {low}")
     try:
         return evaluate(args)
     except prepare_data.DataError as e:
@@ -802,6 +831,8 @@ def evaluate(args):
     rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local}" if device.startswith("cuda") and world > 1 else device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device={args.device}: no such CUDA device here ({torch.cuda.device_count()} found); use --device=cpu")
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)  # set_device needs an index; "cuda" means the first
         torch.cuda.set_device(device)
@@ -826,18 +857,26 @@ def evaluate(args):
         return print(args.prompt + finish(tok, out, [])[0])
     if args.bench:
         return bench(env, args, names)
-    results = run_harness(env, args, [n for n in names if n != "val"]) if args.harness else {}
-    for name in names:
-        if name == "val":  # --data_dir's shards where it has them, else the checkpoint's training data
-            shards = args.data_dir if args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json")) \
-                else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
-            results = {"val": validation(env, args, shards), **results}
-        elif not args.harness:
-            t0 = time.time()
-            results[name] = {**run_task(name, env, args), "seconds": round(time.time() - t0, 1)}
+    out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
+    try:  # before evaluating, so that a bad --out costs no run
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as e:
+        fail(f"--out={out}: cannot make its directory ({e.strerror}); pass another --out")
+    results = {}
+    if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data
+        shards = args.data_dir if args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json")) \
+            else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
+        if not os.path.isfile(os.path.join(shards, "meta.json")):  # e.g. a relative training path, run elsewhere
+            tried = " or ".join(dict.fromkeys(filter(None, (args.data_dir, shards))))
+            fail(f"--val: no token shards (meta.json) in {tried}; pass --data_dir=<the dir prepare_data.py wrote>")
+        results["val"] = validation(env, args, shards)
+    names = [n for n in names if n != "val"]
+    results.update(run_harness(env, args, names) if args.harness else {})
+    for name in [] if args.harness else names:
+        t0 = time.time()
+        results[name] = {**run_task(name, env, args), "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         print_results(results)
-        out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
         paper = {k: dict(zip(("shots", "metric", "score"), v)) for k, v in PAPER_XMODEL_2_5.items() if k in results}
         with open(out, "w") as f:
             json.dump(dict(model=where, tokenizer=tok.name, results=results, paper_xmodel_2_5=paper, args=vars(args)),

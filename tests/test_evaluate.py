@@ -212,6 +212,18 @@ def test_fewshot_draws_are_deterministic_and_never_the_item():
     assert ctx.startswith("The following are multiple choice questions (with answers) about virology.\n\n")
     assert ctx.count("\nAnswer: A\n\n") == 2 and "q2\n" in ctx and "q4\n" in ctx and "q1\n" not in ctx
 
+def test_limit_draws_examples_from_the_whole_file(tmp_path, bpe, bpe_model, monkeypatch):
+    write_task(str(tmp_path), "arc_easy", n=8, pool=0)  # no arc_easy.fewshot.jsonl: examples from the task file
+    docs, pool = ev.load_docs("arc_easy", str(tmp_path), 2)
+    unlimited = ev.requests_of("arc_easy", docs, pool, 2)
+    seen, requests_of = [], ev.requests_of
+    monkeypatch.setattr(ev, "requests_of", lambda *a: seen.append(requests_of(*a)) or seen[-1])
+    args = ev.get_parser().parse_args([f"--data_dir={tmp_path}", "--limit=2", "--num_fewshot=2"])
+    assert ev.run_task("arc_easy", make_env(bpe_model, bpe), args)["n"] == 2  # lm-eval cuts the items, not the pool
+    assert seen == [unlimited[:2]]
+    for d, r in zip(docs, seen[0]):
+        assert ev.example(d) not in r[0][0]  # still never the item itself
+
 # -----------------------------------------------------------------------------
 # KV-cache generation
 
@@ -283,12 +295,16 @@ def test_text_bytes_decodes_documents_whole(bpe):
     assert sum(len(bpe.decode([t]).encode()) for t in ids if t != bpe.eot) != ev.text_bytes(bpe, ids)
 
 
-def test_val_loss_and_bits_per_byte(tmp_path):
-    rnd = random.Random(0)
-    src = tmp_path / "docs.jsonl"
+@pytest.fixture(scope="module")
+def val_data(tmp_path_factory):
+    d, rnd = tmp_path_factory.mktemp("val"), random.Random(0)
+    src = d / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": text(rnd, rnd.randint(5, 60))}) + "\n" for _ in range(400)))
-    data = pd.prepare([f"files={src}"], "byte", str(tmp_path / "data"), val_frac=0.2)
-    model, tok = random_model(320, block_size=64), pd.get_tokenizer("byte")
+    return pd.prepare([f"files={src}"], "byte", str(d / "data"), val_frac=0.2)
+
+
+def test_val_loss_and_bits_per_byte(val_data):
+    data, model, tok = val_data, random_model(320, block_size=64), pd.get_tokenizer("byte")
     args = ev.get_parser().parse_args(["--val_tokens=1024", "--val_batch_size=4"])
     got = ev.validation(make_env(model, tok), args, data)
     loader = pd.TokenLoader(data, "val")
@@ -301,6 +317,22 @@ def test_val_loss_and_bits_per_byte(tmp_path):
     assert got["metrics"]["loss"] == pytest.approx(nats / n, rel=1e-5)
     assert got["metrics"]["perplexity"] == pytest.approx(math.exp(nats / n), rel=1e-5)
     assert got["metrics"]["bits_per_byte"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+
+
+def test_val_scores_a_small_split_once(val_data, capsys):
+    model, tok = random_model(320, block_size=64), pd.get_tokenizer("byte")
+    args = ev.get_parser().parse_args(["--val_tokens=100000000", "--val_batch_size=4"])
+    got = ev.validation(make_env(model, tok), args, val_data)
+    assert "fewer than --val_tokens" in capsys.readouterr().out
+    nats, n = 0.0, 0
+    for name in pd.read_meta(val_data)["splits"]["val"]:  # every whole 4 x 64 window of each shard, once
+        shard = torch.from_numpy(pd.read_shard(os.path.join(val_data, name)).astype("int64"))
+        for k in range((len(shard) - 1) // 256):
+            buf = shard[k * 256:k * 256 + 257]
+            nats += F.cross_entropy(model(buf[:-1].view(4, 64))[0].flatten(0, 1), buf[1:], reduction="sum").item()
+            n += 256
+    assert got["n"] == n <= pd.read_meta(val_data)["tokens"]["val"]
+    assert got["metrics"]["loss"] == pytest.approx(nats / n, rel=1e-5)
 
 # -----------------------------------------------------------------------------
 # the command line: a checkpoint, results, sampling, bad input
@@ -318,7 +350,7 @@ def ckpt(tmp_path_factory):
 def test_cli_results_table_json_and_sampling(tmp_path, ckpt, capsys):
     for task in ("arc_easy", "gsm8k", "lambada_openai"):
         write_task(str(tmp_path), task, n=5)
-    out = tmp_path / "r.json"
+    out = tmp_path / "new" / "dir" / "r.json"  # made before evaluating
     res = ev.main([f"--ckpt={ckpt}", "--tasks=arc_easy,gsm8k,lambada", f"--data_dir={tmp_path}", "--num_fewshot=1",
                    "--max_gen_toks=8", f"--out={out}"])
     table = capsys.readouterr().out
@@ -369,6 +401,28 @@ def test_bad_input_is_one_line(tmp_path, ckpt):
     # offline and no --data_dir: the hub cannot help, say how to use local files
     assert "--data_dir" in one_line_error([f"--ckpt={ckpt}", "--tasks=sciq"])
 
+ARC_ROW = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+
+
+@pytest.mark.parametrize("task, content, flags, phrase", [
+    ("arc_easy", b'{"question": "caf\xe9"}\n', [], "UTF-8"),  # Latin-1, not UTF-8
+    ("arc_easy", {**ARC_ROW, "question": None}, [], "'question' is null"),
+    ("arc_easy", {**ARC_ROW, "choices": {"text": "ab", "label": ["A", "B"]}}, [], "not strings in a list"),
+    ("arc_easy", {**ARC_ROW, "choices": {"text": ["a", None], "label": ["A", "B"]}}, [], "not a list of strings"),
+    ("mmlu", {"question": "q", "subject": "anatomy", "choices": ["a", "b", "c"], "answer": 0}, [], "choices (4)"),
+    ("gsm8k", {"question": "q", "answer": 5}, [], "not strings"),
+    *[(None, None, [flag], flag + ": must be at least") for flag in ("--batch_size=0", "--num_fewshot=-1",
+      "--top_k=0", "--limit=0", "--temperature=-0.5", "--max_new_tokens=0", "--val_tokens=0")],
+    (None, None, ["--device=" + ("cuda:99" if torch.cuda.is_available() else "cuda")], "use --device=cpu"),
+    (None, None, ["--tasks=val"], "pass --data_dir="),  # the checkpoint's data_dir is gone, --data_dir has no shards
+])
+def test_bad_input_says_what_to_do(tmp_path, ckpt, task, content, flags, phrase):
+    if task:
+        line = content if isinstance(content, bytes) else json.dumps(content).encode() + b"\n"
+        (tmp_path / f"{task}.jsonl").write_bytes(line)
+    argv = [f"--ckpt={ckpt}", f"--tasks={task or 'arc_easy'}", f"--data_dir={tmp_path}", "--num_fewshot=0", *flags]
+    assert phrase in one_line_error(argv)
+
 # -----------------------------------------------------------------------------
 # lm-evaluation-harness itself, through the adapter, on the same local tasks
 
@@ -409,6 +463,17 @@ def test_harness_adapter_agrees_with_the_builtin_scorer(tmp_path, bpe, bpe_model
     logp = bpe_model(torch.tensor([[bpe.eot] + ids[:-1]]))[0][0].log_softmax(-1)
     assert lm.loglikelihood_rolling([req])[0] == pytest.approx(sum(logp[i, t].item() for i, t in enumerate(ids)),
                                                                abs=1e-3)
+
+
+def test_harness_bad_input_is_one_line(tmp_path, ckpt, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install lm-eval to test --harness")
+    # offline without --data_dir: one line that says to use local files
+    assert "--data_dir=DIR" in one_line_error([f"--ckpt={ckpt}", "--harness", "--tasks=arc_easy", "--limit=2"])
+    # every task name is checked before the first runs
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: pytest.fail("a task ran before all were checked"))
+    write_task(str(tmp_path), "arc_easy")
+    assert "mmlu only from the hub" in one_line_error([f"--ckpt={ckpt}", "--harness", "--tasks=arc_easy,mmlu",
+                                                       f"--data_dir={tmp_path}"])
 
 
 def test_torchrun_ranks_share_the_work_and_agree(tmp_path, ckpt):
