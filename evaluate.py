@@ -830,7 +830,10 @@ def evaluate(args):
     names = resolve_tasks(args)
     rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local}" if device.startswith("cuda") and world > 1 else device)
+    try:
+        device = torch.device(f"cuda:{local}" if device.startswith("cuda") and world > 1 else device)
+    except RuntimeError:
+        fail(f"--device={args.device} is not a device: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         fail(f"--device={args.device}: no such CUDA device here ({torch.cuda.device_count()} found); use --device=cpu")
     if device.type == "cuda":

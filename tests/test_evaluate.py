@@ -414,6 +414,7 @@ ARC_ROW = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]
     *[(None, None, [flag], flag + ": must be at least") for flag in ("--batch_size=0", "--num_fewshot=-1",
       "--top_k=0", "--limit=0", "--temperature=-0.5", "--max_new_tokens=0", "--val_tokens=0")],
     (None, None, ["--device=" + ("cuda:99" if torch.cuda.is_available() else "cuda")], "use --device=cpu"),
+    (None, None, ["--device=gpu"], "is not a device: use auto, cpu, cuda or cuda:N"),
     (None, None, ["--tasks=val"], "pass --data_dir="),  # the checkpoint's data_dir is gone, --data_dir has no shards
 ])
 def test_bad_input_says_what_to_do(tmp_path, ckpt, task, content, flags, phrase):
