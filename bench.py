@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 import fp8
+import hf
 import muon
 import prepare_data
 from model import GPT, GPTConfig, PRESETS
@@ -72,7 +73,7 @@ def optimizer(model, kind, device):
     return muon.Muon(groups, lr=1e-4, weight_decay=0.1)  # as train.py builds it (Muon + AdamW for the rest)
 
 
-def time_steps(model, forward, opt, x, y, args, device, dtype):
+def time_steps(forward, opt, x, y, args, device, dtype):
     """Median ms of a whole training step, and the loss it ended on (a sanity check that it trains)."""
     losses = []
 
@@ -94,7 +95,7 @@ def bench_train(config, args, device, dtype):
     variants = [("eager", False, "adamw")] + ([("compiled", True, o) for o in ("adamw", "muon")] if args.compile
                                                else [("eager", False, "muon")])
     precisions = ["bf16", "fp8"] if args.fp8 else ["bf16" if dtype == torch.bfloat16 else "fp32"]
-    results, flops, x, y = {}, None, None, None
+    results = {}
     print(f"\n== train: {tokens:,} tokens/step ({args.batch_size} x {args.seq_len}), {dtype_name(dtype)}, "
           f"median of {args.steps} after {args.warmup} warm-up ==")
     for prec in precisions:
@@ -104,19 +105,18 @@ def bench_train(config, args, device, dtype):
         if prec == "fp8":
             fp8.convert_to_fp8(model)
         x, y = make_batch(config, args, device)
-        flops = model.flops_per_token(args.seq_len)
         compiled = torch.compile(model) if args.compile else None
         for mode, use_compile, kind in variants:
             if prec == "fp8" and not use_compile and args.compile:
                 continue  # eager FP8 is known slow (unfused casts); the recipe runs it compiled
             opt = optimizer(model, kind, device)
             fwd = (compiled if use_compile else model)
-            ms, loss = time_steps(model, lambda a, b: fwd(a, b)[1], opt, x, y, args, device, dtype)
+            ms, loss = time_steps(lambda a, b: fwd(a, b)[1], opt, x, y, args, device, dtype)
             label = f"{prec} {kind} {mode}"
             results[label] = ms
-            report(label, ms, tokens, flops, model, args, device, f"loss {loss:.3f}")
+            report(label, ms, tokens, model, args, device, f"loss {loss:.3f}")
             if args.profile and kind == "adamw" and use_compile == args.compile:
-                profile(lambda: time_steps(model, lambda a, b: fwd(a, b)[1], opt, x, y, args, device, dtype),
+                profile(lambda: time_steps(lambda a, b: fwd(a, b)[1], opt, x, y, args, device, dtype),
                         label, device)
             if kind == "muon":  # the optimizer step alone, on the gradients of one more backward
                 with autocast(device, dtype):
@@ -164,9 +164,9 @@ def dtype_name(dtype):
     return "bf16 autocast, fp32 master weights" if dtype == torch.bfloat16 else "fp32"
 
 
-def report(label, ms, tokens, flops, model, args, device, extra=""):
+def report(label, ms, tokens, model, args, device, extra=""):
     tps = tokens / ms * 1000
-    mfu = model.estimate_mfu(tps, args.seq_len, device) if hasattr(model, "estimate_mfu") else None
+    mfu = model.estimate_mfu(tps, args.seq_len, device)
     mfu_s = f"  MFU {100 * mfu:5.1f}%" if mfu is not None else ""
     print(f"  {label:28s} {ms:9.2f} ms  {tps:12,.0f} tok/s{mfu_s}  {extra}")
 
@@ -179,11 +179,8 @@ def bench_hf(config, args, device, dtype, ours):
         print("\n== hf: skipped: transformers is not installed (pip install transformers) ==")
         return {}
     print(f"\n== hf: transformers {transformers.__version__} LlamaForCausalLM, same shape and batch ==")
-    c = config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
-        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=True, attention_bias=False)
+    # hf.py's export config, with the head tied as in nanoXmodel: the same parameters, the same FLOPs
+    hf_config = transformers.LlamaConfig(**hf.llama_config(config) | dict(tie_word_embeddings=True))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device)
     model.train()
@@ -201,10 +198,10 @@ def bench_hf(config, args, device, dtype, ours):
     for mode, use_compile in modes:
         fwd = torch.compile(forward) if use_compile else forward
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        ms, loss = time_steps(model, fwd, opt, x, y, args, device, dtype)
+        ms, loss = time_steps(fwd, opt, x, y, args, device, dtype)
         label = f"transformers adamw {mode}"
         results[label] = ms
-        report(label, ms, x.numel(), None, ref, args, device, f"loss {loss:.3f}")
+        report(label, ms, x.numel(), ref, args, device, f"loss {loss:.3f}")
         prec = "bf16" if dtype == torch.bfloat16 else "fp32"
         mine = ours.get(f"{prec} adamw {mode}")
         if mine:

@@ -71,9 +71,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fp8
+import hf
 import prepare_data
 from model import GPT, GPTConfig
-from train import Parser, list_ckpts, str2bool
+from train import Parser, distributed, setup_device, str2bool
 
 
 def fail(message):
@@ -673,7 +674,6 @@ def bench(env, args, names):
     ours, dt = timed(score_ours)
     print(f"built-in scorer: {len(docs) / dt:8.1f} examples/s {tokens / dt:12,.0f} tokens/s")
     try:
-        import hf
         from lm_eval.models.huggingface import HFLM
         from tokenizers import Tokenizer, models
         from transformers import PreTrainedTokenizerFast
@@ -712,7 +712,6 @@ def load_model(args, device):
     --bench without either a random model of --bench_preset."""
     if args.init_from:
         try:
-            import hf
             model, spec = hf.load_pretrained(args.init_from, device="cpu", dtype=None)
         except (ImportError, OSError, ValueError) as e:  # OSError covers ConnectionError and FileNotFoundError
             fail(f"--init_from={args.init_from}: {e}")
@@ -726,20 +725,13 @@ def load_model(args, device):
         model = GPT(GPTConfig.from_preset(args.bench_preset, vocab_size=vocab))
     else:
         where = args.ckpt or "out"
-        if os.path.isdir(where):
-            found = list_ckpts(where)
-            if not found:
-                fail(f"no checkpoint in {where} (no ckpt_*.pt); train one with train.py or pass --ckpt=PATH")
-            where = found[-1][1]
-        elif not os.path.isfile(where):
+        if not os.path.exists(where):
             fail(f"no checkpoint at {where}; pass --ckpt=OUT_DIR or --ckpt=PATH/ckpt_N.pt, or --init_from=HF_DIR")
         try:
-            ckpt = torch.load(where, map_location="cpu", weights_only=False, mmap=True)
-            model = GPT(GPTConfig(**ckpt["model_config"]))
-            model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
-            name, args.ckpt_data_dir = args.tokenizer or ckpt["tokenizer"], ckpt.get("args", {}).get("data_dir")
-        except Exception as e:
-            fail(f"cannot read checkpoint {where} ({type(e).__name__}: {prepare_data._first_line(e)})")
+            model, name, run_args = hf.load_checkpoint(where)
+        except (OSError, ValueError) as e:
+            fail(f"{e}; train one with train.py, or pass --ckpt=PATH/ckpt_N.pt")
+        name, args.ckpt_data_dir = args.tokenizer or name, run_args.get("data_dir")
     return model.to(device).eval(), prepare_data.get_tokenizer(name), where
 
 
@@ -828,18 +820,11 @@ def main(argv=None):
 
 def evaluate(args):
     names = resolve_tasks(args)
-    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    ddp, rank, local, world = distributed()
     try:
-        device = torch.device(f"cuda:{local}" if device.startswith("cuda") and world > 1 else device)
-    except RuntimeError:
-        fail(f"--device={args.device} is not a device: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        fail(f"--device={args.device}: no such CUDA device here ({torch.cuda.device_count()} found); use --device=cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", device.index or 0)  # set_device needs an index; "cuda" means the first
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        device = setup_device(args.device, local if ddp else None)
+    except ValueError as e:
+        fail(str(e))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")

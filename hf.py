@@ -373,7 +373,7 @@ def _read_ckpt(path):
     if os.path.isdir(path):
         found = train.list_ckpts(path)
         if not found:
-            raise FileNotFoundError(f"{path} holds no ckpt_*.pt: not a train.py --out_dir")
+            raise FileNotFoundError(f"no checkpoint in {path} (no ckpt_*.pt): not a train.py --out_dir")
         path = found[-1][1]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -390,12 +390,12 @@ def _read_ckpt(path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """A train.py checkpoint (a ckpt_*.pt, or an --out_dir: its newest) -> (GPT, tokenizer name)."""
+    """A train.py checkpoint (a ckpt_*.pt, or an --out_dir: its newest) -> (GPT, tokenizer name, its run's args)."""
     ckpt, config = _read_ckpt(path)
     model = empty_model(config, device)
     # FP8 runs save plain nn.Linear keys (fp8.py); a compiled or DDP model would add a prefix
     model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
-    return model, ckpt["tokenizer"]
+    return model, ckpt["tokenizer"], ckpt.get("args", {})
 
 # -----------------------------------------------------------------------------
 # command line
@@ -448,7 +448,7 @@ def main(argv=None):
             if not os.path.exists(args.ckpt):
                 raise FileNotFoundError(f"no such checkpoint: {args.ckpt}")
             if _is_train_ckpt(args.ckpt):
-                model, tokenizer = load_checkpoint(args.ckpt)
+                model, tokenizer, _ = load_checkpoint(args.ckpt)
                 print(_summary(f"loaded {args.ckpt}", model))
             else:
                 model, tokenizer = load_pretrained(args.ckpt)

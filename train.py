@@ -342,6 +342,32 @@ def set_lr(optimizer, lr):
 # training
 
 
+def distributed():
+    """(ddp, rank, local_rank, world_size): torchrun sets RANK and the rest; otherwise one process."""
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1
+    return (True, *(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")))
+
+
+def setup_device(flag, local_rank=None):
+    """--device (auto, cpu, cuda, cuda:N) as a torch.device; under torchrun each rank takes cuda:local_rank.
+    A CUDA device is made current, with TF32 matmuls. ValueError for a device this machine does not have."""
+    flag = ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
+    try:
+        device = torch.device(f"cuda:{local_rank}" if flag.startswith("cuda") and local_rank is not None else flag)
+    except RuntimeError:
+        raise ValueError(f"--device={flag} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device={flag}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                             "use --device=cpu")
+        # set_device wants an index; plain "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def main(argv=None):
     try:
         return train(parse_args(argv))
@@ -350,19 +376,11 @@ def main(argv=None):
 
 
 def train(args):
-    # distributed: torchrun sets RANK; otherwise a single process
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and ddp else args.device)
-    if device.type == "cuda":
-        # set_device wants an index; plain "cuda" means the current device
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = distributed()
+    try:
+        device = setup_device(args.device, local_rank if ddp else None)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
     if ddp:
         # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))

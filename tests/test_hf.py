@@ -287,7 +287,7 @@ def train_run(tmp_path_factory):
 
 def test_cli_export_from_train_checkpoint(train_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers", reason="the exported checkpoint runs in transformers")
-    model, tok = hf.load_checkpoint(train_run)
+    model, tok, _ = hf.load_checkpoint(train_run)
     assert tok == "byte" and model.config.n_embd == 64 and model.config.vocab_size == 320
     ckpt = torch.load(os.path.join(train_run, "ckpt_0000002.pt"), map_location="cpu", weights_only=False)
     for k, v in ckpt["model"].items():
@@ -346,7 +346,7 @@ def test_train_init_from_an_xmodel_checkpoint(train_run, tmp_path):
     """train.py --init_from: the run starts from the checkpoint's weights (lr 0 keeps them), with its own
     block_size; model flags that would be ignored are refused."""
     import train
-    model, _ = hf.load_checkpoint(train_run)
+    model, _, _ = hf.load_checkpoint(train_run)
     release = hf.save_pretrained(model, str(tmp_path / "release"))
     data = json.load(open(os.path.join(train_run, "config.json")))["args"]["data_dir"]
     common = ["--block_size=16", "--batch_size=4", "--total_batch_size=64", "--max_iters=1", "--warmup_iters=0",
