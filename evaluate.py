@@ -305,22 +305,11 @@ def gather(env, part):  # {index: result} of every rank
 
 
 def progress(total, desc, env):
-    """(update(n), close()) of a progress bar: tqdm where installed, else a line every 10 s; rank 0 only."""
+    """(update(n), close()) of a progress bar on rank 0; nothing elsewhere or for a single step."""
     if env.rank != 0 or total < 2:
         return (lambda n: None), (lambda: None)
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=desc, leave=False)
-        return bar.update, bar.close
-    except ImportError:
-        done, last = [0], [time.time()]
-
-        def update(n):
-            done[0] += n
-            if time.time() - last[0] > 10:
-                last[0] = time.time()
-                print(f"{desc}: {done[0]}/{total}", file=sys.stderr)
-        return update, (lambda: None)
+    bar = prepare_data.progress(total, desc, leave=False)
+    return bar.update, bar.close
 
 
 # PyTorch's default attention kernel on an H100 (cuDNN's, which plans per shape) cost 63 ms a decode step against

@@ -484,26 +484,27 @@ def open_source(src):
 # -----------------------------------------------------------------------------
 # prepare: sources -> tokenizer -> shards
 
-class _PlainProgress:  # stands in for tqdm when it is not installed
-    def __init__(self):
-        self.n, self.last = 0, time.time()
+class _PlainProgress:  # stands in for tqdm when it is not installed: a line every 10 s
+    def __init__(self, total, desc):
+        self.n, self.total, self.desc, self.last = 0, total, desc, time.time()
 
     def update(self, n):
         self.n += n
-        if time.time() - self.last > 5:
+        if time.time() - self.last > 10:
             self.last = time.time()
-            print(f"tokenized {self.n:,} tokens")
+            print(f"{self.desc}: {self.n:,}" + (f"/{self.total:,}" if self.total else ""), file=sys.stderr)
 
     def close(self):
         pass
 
 
-def _progress(total):
+def progress(total, desc, **tqdm_kw):
+    """A progress bar with update(n) and close(): tqdm where installed (datasets brings it), else plain lines."""
     try:
         from tqdm import tqdm
-        return tqdm(total=total, unit="tok", unit_scale=True, desc="tokenizing")
+        return tqdm(total=total, desc=desc, **tqdm_kw)
     except ImportError:
-        return _PlainProgress()
+        return _PlainProgress(total, desc)
 
 
 def auto_out_dir(sources, tokenizer):
@@ -548,7 +549,7 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     counts = [{"documents": 0, "tokens": 0} for _ in srcs]
     rng, weights = random.Random(seed), [s["weight"] for s in srcs]
     print(f"preparing {out_dir} from {', '.join(s['spec'] for s in srcs)} with tokenizer {tok.name}")
-    bar, total, i, stopped = _progress(max_tokens or None), 0, 0, None
+    bar, total, i, stopped = progress(max_tokens or None, "tokenizing", unit="tok", unit_scale=True), 0, 0, None
     seen_bytes = val_bytes = 0
     while stopped is None:
         batch = []  # (source, text): drawn in order, tokenized together, written in order

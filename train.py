@@ -418,9 +418,12 @@ def train(args):
     for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
         loader.check_fits(args.batch_size, args.block_size)
     torch.manual_seed(args.seed)
-    model = GPT(config).to(device)
-    if args.init_from and not args.resume:  # a resumed run's checkpoint has newer weights
+    if args.init_from and not args.resume:  # (a resumed run's checkpoint has newer weights)
+        import hf
+        model = hf.empty_model(config, device)  # no random init for the loaded weights to overwrite
         model.load_state_dict(pretrained)
+    else:
+        model = GPT(config).to(device)
     pretrained = None
     if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise SystemExit(f"train.py: error: --fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
