@@ -131,18 +131,17 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
             if r.train["tokens"] is None or (r.val["step"] and r.val["tokens"] is None):
                 raise PlotError(f"{r.path}/log.jsonl has no token counts (written by an older train.py); "
                                 f"use --x=step")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure draws with Agg: no display, no pyplot state, nothing to close
+        from matplotlib.figure import Figure
         from matplotlib.patches import Patch
         from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise PlotError("plotting needs matplotlib: pip install matplotlib") from None
     lo, hi = -np.inf if from_step is None else from_step, np.inf if to_step is None else to_step
-    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
+    fig = Figure(figsize=(10, 5.5), dpi=120)
+    ax = fig.subplots()
     ax_lr = ax.twinx()
-    covered, seen, curves, raws = [], {}, [], []  # curves (smoothed train, val) and raw losses set the limits
+    covered, seen, curves = [], {}, []  # curves: (xs, ys) of the smoothed train and the val losses
     for i, r in enumerate(runs):
         color, t, v = f"C{i}", r.train, r.val
         to_x = _tokens_before(r) if x == "tokens" else float  # where a step begins on the x axis
@@ -154,8 +153,8 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
         for s, a, b in switch_steps(r):
             if lo <= s <= hi:
                 ax.axvline(to_x(s), color=color, lw=1.2, ls=":", zorder=3)
-                ax.annotate(f" {a} \u2192 {b}", (to_x(s), 1), xycoords=("data", "axes fraction"), va="top",
-                            rotation=90, fontsize=8, color=color)
+                ax.annotate(f"{a} \u2192 {b}", (to_x(s), 1), xycoords=("data", "axes fraction"), xytext=(2, -4),
+                            textcoords="offset points", ha="left", va="top", rotation=90, fontsize=8, color=color)
         keep = [j for j, s in enumerate(t["step"]) if lo <= s <= hi]
         if keep:
             xs = [(t["tokens"] if x == "tokens" else t["step"])[j] for j in keep]
@@ -164,7 +163,6 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
                 ax.plot(xs, loss, color=color, lw=0.7, alpha=0.25 if smooth else 1, zorder=2,
                         label=None if smooth else f"{r.name} train")
                 curves.append((xs, ema(loss, smooth)))
-                raws.append((xs, loss))
                 if smooth:
                     ax.plot(*curves[-1], color=color, lw=1.6, zorder=2, label=f"{r.name} train (EMA)")
             ax_lr.plot(xs, [t["lr"][j] for j in keep], color=color, lw=0.9, ls="--", alpha=0.8, zorder=1)
@@ -178,15 +176,16 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
         where = "" if from_step is None and to_step is None else \
             f" in steps {from_step or 0} to {'the end' if to_step is None else to_step}"
         raise PlotError(f"nothing to draw{where}" + (" (--val_only: the runs have no val_loss)" if val_only else ""))
-    x0, x1 = min(min(xs) for xs, _ in curves), max(max(xs) for xs, _ in curves)
+    ends = [x for xs, _ in curves for x in (min(xs), max(xs))] + [x for band in covered for x in band]
+    x0, x1 = min(ends), max(ends)
     if x1 > x0:
         ax.set_xlim(x0, x1)
-    if ylim is None:  # fit what follows the first tenth of the x range: the initial loss would squash the rest
-        late = lambda cs: [y for xs, ys in cs for xx, y in zip(xs, ys) if xx >= x0 + 0.1 * (x1 - x0)]
-        y0, y1 = min(late(curves)), max(late(curves))
-        if late(raws):  # the raw loss's noise too, less its outliers
-            y0, y1 = min(y0, np.percentile(late(raws), 1)), max(y1, np.percentile(late(raws), 99))
-        ylim = (y0 - (0.05 * (y1 - y0) or 0.5), y1 + (0.05 * (y1 - y0) or 0.5))
+    if ylim is None:
+        # fit the smoothed and val curves after the first tenth of the x range: the initial loss would squash
+        # the rest (the raw loss's noise may leave the plot)
+        late = [y for xs, ys in curves for xx, y in zip(xs, ys) if xx >= x0 + 0.1 * (x1 - x0)]
+        pad = 0.08 * (max(late) - min(late)) or 0.5
+        ylim = (min(late) - pad, max(late) + pad)
     ax.set_ylim(*ylim)
     si = FuncFormatter(lambda v, _: next((f"{v / d:g}{u}" for d, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"),
                                                                         (1e3, "k")) if abs(v) >= d), f"{v:g}"))
@@ -199,9 +198,9 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
     ax.patch.set_visible(False)
     ax.grid(alpha=0.3, zorder=1)
     # both legends sit above the plot, where they cannot hide a curve: phases on the left, runs on the right
-    handles = ax.get_legend_handles_labels()[0]
-    runs_legend = ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=min(len(handles), 4), fontsize=8,
-                            frameon=False, borderaxespad=0.2)
+    n = len(ax.get_legend_handles_labels()[0])
+    runs_legend = ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncol=n if n <= 3 else min(-(-n // 2), 4),
+                            fontsize=8, frameon=False, borderaxespad=0.2)  # several runs: a column each
     if seen:
         ax.add_artist(runs_legend)  # a second ax.legend() would replace it
         ax.legend(handles=[Patch(color=_phase(p)[1], alpha=0.8, label=_phase(p)[0]) for p in seen], loc="lower left",
@@ -224,12 +223,8 @@ def plot_runs(runs, out=None, labels=None, x="step", from_step=None, to_step=Non
     out = out or (os.path.join(runs[0].path, "loss.png") if len(runs) == 1 else "loss.png")
     make_dir(os.path.dirname(out) or ".", "--out")  # before drawing: a bad --out fails at once
     fig = figure(runs, x, from_step, to_step, ylim, title, smooth, val_only)
-    import matplotlib.pyplot as plt
-    try:
-        with atomic_write(out, "wb") as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png")
     return out
 
 
