@@ -1,7 +1,6 @@
 """model.py: architecture and muP against slow references written from ../shared/RECIPE.md."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,44 +159,14 @@ def test_generate_greedy_is_argmax_of_forward():
         assert out[0, i] == model(out[:, :i])[0][0, -1].argmax()
 
 # -----------------------------------------------------------------------------
-# coordinate check: under muP activations keep their size as width grows; under SP they blow up
-
-
-def coordinate_sizes(mup, widths=(64, 128, 256, 512), steps=5, lr=0.03, seeds=(0, 1)):
-    """Mean |activation| after a few high-LR AdamW steps, per width, at four places in the network."""
-    sizes = {k: [] for k in ("embedding", "attn", "mlp", "logits")}
-    for width in widths:
-        acc = dict.fromkeys(sizes, 0.0)
-        for seed in seeds:
-            torch.manual_seed(seed)
-            # head dim fixed at 32 so only width changes; base width 64 so every model is m >= 1
-            model = GPT(GPTConfig(n_layer=2, n_embd=width, n_head=width // 32, n_kv_head=width // 32,
-                                  mlp_hidden=int(2.5 * width), vocab_size=128, block_size=32, mup=mup,
-                                  base_width=64))
-            x = torch.randint(0, 128, (8, 33), generator=torch.Generator().manual_seed(1234))
-            opt = torch.optim.AdamW(model.param_groups(0.0), lr=lr, betas=(0.9, 0.95))
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            for _ in range(steps):
-                model(x[:, :-1], x[:, 1:])[1].backward()
-                opt.step()
-                opt.zero_grad()
-            acts = {}
-            grab = lambda key: (lambda mod, inp, out: acts.__setitem__(key, out))
-            model.wte.register_forward_hook(grab("embedding"))
-            model.blocks[-1].attn.register_forward_hook(grab("attn"))
-            model.blocks[-1].mlp.register_forward_hook(grab("mlp"))
-            with torch.no_grad():
-                acts["logits"] = model(x[:, :-1])[0]
-            for k in acc:
-                acc[k] += acts[k].abs().mean().item() / len(seeds)
-        for k in sizes:
-            sizes[k].append(acc[k])
-    return {k: np.polyfit(np.log(widths), np.log(v), 1)[0] for k, v in sizes.items()}
+# coordinate check: under muP activations keep their size as width grows; under SP they blow up.
+# The measurement lives in mup_sweep.py, whose --coord draws the same numbers as a picture.
 
 
 def test_coordinate_check():
-    mup = coordinate_sizes(mup=True)
-    sp = coordinate_sizes(mup=False)
-    assert all(abs(s) < 0.3 for s in mup.values()), mup
+    from mup_sweep import COORD_SITES, coordinate_sizes, coordinate_slopes
+    widths = (64, 128, 256, 512)
+    mup = coordinate_slopes(coordinate_sizes(mup=True, widths=widths, steps=5, lr=0.03, seeds=(0, 1)), widths)
+    sp = coordinate_slopes(coordinate_sizes(mup=False, widths=widths, steps=5, lr=0.03, seeds=(0, 1)), widths)
+    assert all(abs(mup[k]) < 0.3 for k in COORD_SITES), mup
     assert sp["logits"] > 0.4 and sp["attn"] > 0.8 and sp["mlp"] > 0.8, sp

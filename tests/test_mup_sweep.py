@@ -1,0 +1,198 @@
+"""mup_sweep.py: the sweep's statistics come from its runs (mean, spread, best LR), every run lands under its own
+width, LR, seed and parameterization, diverged runs are NaN, and --quick / --coord --quick / --plot_only write
+their JSON and pictures. CPU, well under a minute."""
+
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import mup_sweep  # noqa: E402
+import prepare_data as pd  # noqa: E402
+import train  # noqa: E402
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: the thread pool costs more than the work
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The real --quick sweep, on 200k tokens of the embedded corpus: (its JSON data, what it printed)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    data_dir = pd.prepare(["embedded"], "byte", str(tmp / "data"), max_tokens=200_000)
+    out = str(tmp / "quick.json")
+    printed = capture(lambda: mup_sweep.main(
+        ["--quick", f"--out={out}", f"--train_args={mup_sweep.QUICK['train_args']} --data_dir={data_dir}"]))
+    return json.load(open(out)), printed, out
+
+
+def capture(fn):
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn()
+    return buf.getvalue()
+
+
+def printed_tables(text):
+    """{parameterization: {width: (bold lr or None, {lr: cell text})}} parsed back from the markdown tables."""
+    tables = {}
+    for name in mup_sweep.PARAMS:
+        header = re.search(rf"^\| {name}, width \| (.*) \|$", text, re.M)
+        lrs = [float(x) for x in header.group(1).split(" | ")]
+        rows = {}
+        for m in re.finditer(r"^\| (\d+) \| (.*) \|$", text[header.end():].split("\n\n")[0], re.M):
+            cells = dict(zip(lrs, m.group(2).split(" | ")))
+            bold = [lr for lr, s in cells.items() if s.startswith("**")]
+            rows[int(m.group(1))] = (bold[0] if bold else None, cells)
+        tables[name] = rows
+    return tables
+
+
+def test_quick_sweep_writes_every_run_and_its_figure(quick):
+    data, printed, out = quick
+    q = mup_sweep.QUICK
+    keys = {(r["parameterization"], r["width"], r["lr"], r["seed"]) for r in data["runs"]}
+    assert keys == {(n, w, lr, s) for n in ("muP", "SP") for w in q["widths"] for lr in q["lrs"] for s in q["seeds"]}
+    assert all(math.isfinite(r["val_loss"]) and 2 < r["val_loss"] < 6 for r in data["runs"])
+    assert data["info"]["complete"] and data["info"]["commit"] is not None
+    # one seed: each cell is its run, and the bold cell of each printed row is that width's argmin
+    tables = printed_tables(printed)
+    for n in ("muP", "SP"):
+        for w in q["widths"]:
+            vals = {r["lr"]: r["val_loss"] for r in data["runs"] if (r["parameterization"], r["width"]) == (n, w)}
+            assert tables[n][w][0] == min(vals, key=vals.get)
+            assert {lr: float(s.strip("*")) for lr, s in tables[n][w][1].items()} == \
+                pytest.approx(vals, abs=5e-4)
+    png = os.path.splitext(out)[0] + ".png"
+    if HAVE_MPL:
+        assert os.path.getsize(png) > 10_000
+    else:
+        assert "pip install matplotlib" in printed
+
+
+def test_plot_only_redraws_from_the_json(quick, tmp_path):
+    data, _, _ = quick
+    path = str(tmp_path / "again.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    printed = capture(lambda: mup_sweep.main([f"--plot_only={path}"]))
+    assert printed_tables(printed) == printed_tables(quick[1])  # the same table from the stored runs
+    assert os.path.exists(str(tmp_path / "again.png")) == HAVE_MPL
+
+
+def fake_loss(name, width, lr, seed):
+    """A made-up loss surface: muP's optimum sits at lr 0.005 for every width, SP's halves with each doubling
+    of width; the seed adds noise big enough that seed 2 alone would pick 0.01 under muP. SP at width 128,
+    lr 0.04, seed 2 diverges."""
+    if (name, width, lr, seed) == ("SP", 128, 0.04, 2):
+        return math.nan
+    best = 0.005 if name == "muP" else 0.01 * 64 / width
+    noise = {1: 0.06, 2: -0.08, 3: 0.02}[seed] * (1 if lr == 0.01 else -1)
+    return 2 + 0.1 * (math.log2(lr) - math.log2(best)) ** 2 - 0.1 * math.log2(width) + noise \
+        + (0.3 if name == "SP" else 0)
+
+
+@pytest.mark.parametrize("seeds", ["1,2", "1,2,3"])
+def test_statistics_are_those_of_the_runs(monkeypatch, tmp_path, seeds):
+    monkeypatch.setattr(mup_sweep, "run", lambda width, lr, mup, seed, train_args, head_dim:
+                        fake_loss("muP" if mup else "SP", width, lr, seed))
+    out = str(tmp_path / "fake.json")
+    printed = capture(lambda: mup_sweep.main(["--widths=64,128,256", "--lrs=0.0025,0.005,0.01,0.02,0.04",
+                                              f"--seeds={seeds}", f"--out={out}"]))
+    data = json.load(open(out))
+    n = len(seeds.split(","))
+    assert len(data["runs"]) == 2 * 3 * 5 * n
+    for r in data["runs"]:  # each value under its own labels: a swap of widths, LRs, seeds or muP/SP shows here
+        want = fake_loss(r["parameterization"], r["width"], r["lr"], r["seed"])
+        assert r["val_loss"] == want or (math.isnan(want) and math.isnan(r["val_loss"]))
+    tables = printed_tables(printed)
+    best = {(b["parameterization"], b["width"]): b["lr"] for b in data["best_lr"]}
+    for c in data["cells"]:
+        cell = (c["parameterization"], c["width"], c["lr"])
+        vals = np.array([r["val_loss"] for r in data["runs"] if (r["parameterization"], r["width"], r["lr"]) == cell])
+        assert c["n"] == n == len(vals)
+        text = tables[c["parameterization"]][c["width"]][1][c["lr"]]
+        if not np.isfinite(vals).all():
+            assert math.isnan(c["mean"]) and c["diverged"] == 1 and text == f"diverged (1/{n} seeds)"
+            continue
+        assert c["mean"] == pytest.approx(vals.mean()) and c["min"] == vals.min() and c["max"] == vals.max()
+        assert c["std"] == pytest.approx(vals.std(ddof=1))
+        spread = (vals.max() - vals.min()) / 2 if n == 2 else vals.std(ddof=1)
+        assert text.strip("*") == f"{vals.mean():.3f} +- {spread:.3f}"
+    for (name, width), lr in best.items():
+        means = {c["lr"]: c["mean"] for c in data["cells"] if (c["parameterization"], c["width"]) == (name, width)
+                 and math.isfinite(c["mean"])}
+        assert lr == min(means, key=means.get) == tables[name][width][0]
+    # the surface's true optima, which only the mean over seeds finds (seed 2 alone picks 0.01 under muP)
+    assert [best[("muP", w)] for w in (64, 128, 256)] == [0.005] * 3
+    seed2 = {r["lr"]: r["val_loss"] for r in data["runs"]
+             if (r["parameterization"], r["width"], r["seed"]) == ("muP", 64, 2)}
+    assert min(seed2, key=seed2.get) == 0.01
+    assert [best[("SP", w)] for w in (64, 128, 256)] == [0.01, 0.005, 0.0025]
+    assert ("half the min-max range" in printed) == (n == 2) and ("std over seeds" in printed) == (n == 3)
+    assert os.path.exists(str(tmp_path / "fake.png")) == HAVE_MPL
+
+
+def test_run_passes_its_width_lr_seed_and_parameterization(monkeypatch):
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        if "--lr=0.5" in argv:
+            raise SystemExit("train.py: error: loss nan, gradient norm nan at step 3; stopped without saving; ...")
+        if "--lr=0.25" in argv:
+            raise SystemExit("train.py: error: something else")
+        return {"val_loss": 2.5}
+
+    monkeypatch.setattr(train, "main", fake_main)
+    assert mup_sweep.run(128, 0.01, True, 7, "--n_layer=2", 32) == 2.5
+    assert {"--n_layer=2", "--n_embd=128", "--n_head=4", "--n_kv_head=4", "--mlp_hidden=320", "--lr=0.01",
+            "--mup=1", "--seed=7"} <= set(seen[-1])
+    mup_sweep.run(64, 0.02, False, 1, "", 32)
+    assert {"--n_embd=64", "--n_head=2", "--lr=0.02", "--mup=0", "--seed=1"} <= set(seen[-1])
+    assert math.isnan(mup_sweep.run(64, 0.5, False, 1, "", 32))  # a diverged run is a NaN data point
+    with pytest.raises(SystemExit, match="something else"):  # any other error still stops the sweep
+        mup_sweep.run(64, 0.25, False, 1, "", 32)
+
+
+def test_without_matplotlib_the_numbers_still_come(quick, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    path = str(tmp_path / "nompl.json")
+    with open(path, "w") as f:
+        json.dump(quick[0], f)
+    printed = capture(lambda: mup_sweep.main([f"--plot_only={path}"]))
+    assert "| muP, width |" in printed and "pip install matplotlib" in printed
+    assert not os.path.exists(str(tmp_path / "nompl.png"))
+
+
+def test_coord_quick_writes_its_picture(tmp_path):
+    out = str(tmp_path / "coord.json")
+    printed = capture(lambda: mup_sweep.main(["--coord", "--quick", f"--coord_out={out}"]))
+    data = json.load(open(out))
+    q = mup_sweep.QUICK
+    for name in ("muP", "SP"):
+        assert set(data[name]) == set(mup_sweep.COORD_SITES) | {"logits_change"}
+        assert np.asarray(data[name]["logits"]).shape == (q["coord_steps"] + 1, len(q["coord_widths"]))
+        assert f"{name}: log-log slope" in printed
+    assert np.all(np.asarray(data["muP"]["logits_change"])[0] == 0)  # nothing changed before the first step
+    assert os.path.exists(str(tmp_path / "coord.png")) == HAVE_MPL
