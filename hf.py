@@ -42,6 +42,7 @@ the releases ship (modeling_xmodel2.py) was not at hand to read; it has to compu
     mup_ffn_residual_scale        MLP branch x this / sqrt(num_layers)               branches in model.py)
     mup_output_scale              logits x this / (hidden_size / mup_base_width)  -> output_scale
     mup_base_width                the width multiplier's base                      -> base_width
+    mup_width_multiplier          hidden_size / mup_base_width, or refused: model.py derives it from the width
     (use_mup itself)              attention softmax scale 1/head_dim              -> mup
 """
 
@@ -107,7 +108,7 @@ def config_from_xmodel(cfg):
     extra = {k: v for k, v in (cfg.get("nanoxmodel") or {}).items()
              if k in {f.name for f in fields(GPTConfig)} - XMODEL_MAPPED}
     try:
-        return GPTConfig(
+        config = GPTConfig(
             n_layer=L, n_embd=d, n_head=heads, n_kv_head=cfg.get("num_key_value_heads") or heads,
             mlp_hidden=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
             block_size=get("max_position_embeddings"), rope_theta=float(cfg.get("rope_theta") or rope.get(
@@ -116,6 +117,12 @@ def config_from_xmodel(cfg):
             **extra).validate()
     except ValueError as e:
         raise ValueError(f"config.json: {e}") from None
+    m = cfg.get("mup_width_multiplier")  # the release's config class lets this field override the width's own
+    if mup and m is not None and not (isinstance(m, (int, float))
+                                      and math.isclose(m, config.width_mult, rel_tol=1e-6)):
+        refuse("mup_width_multiplier", f"disagrees with hidden_size / mup_base_width = {d} / {config.base_width} = "
+               f"{config.width_mult:g}; model.py derives the multiplier from the width, so it cannot load as written")
+    return config
 
 
 def xmodel_config(config):

@@ -211,13 +211,17 @@ def test_hand_written_xmodel_checkpoint_matches_reference(tmp_path, use_mup):
 @pytest.mark.parametrize("field,value", [
     ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}), ("tie_word_embeddings", False),
-    ("model_type", "llama"), ("head_dim", 8), ("mup_ffn_residual_scale", 1.0), ("hidden_size", None)])
+    ("model_type", "llama"), ("head_dim", 8), ("mup_ffn_residual_scale", 1.0), ("hidden_size", None),
+    ("mup_width_multiplier", 1.0), ("mup_width_multiplier", "4")])
 def test_unrepresentable_configs_are_refused(tmp_path, field, value):
     cfg, _ = xmodel_dir(str(tmp_path))
     cfg[field] = value
     with pytest.raises(ValueError, match=field) as e:
         hf.config_from_xmodel(cfg)
     assert "\n" not in str(e.value)
+    if field == "mup_width_multiplier":  # both values named; the width's own (64 / 16) loads
+        assert f"mup_width_multiplier={value!r}" in str(e.value) and "64 / 16 = 4" in str(e.value)
+        assert hf.config_from_xmodel({**cfg, field: 4.0}).width_mult == 4
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match=field):
         hf.load_pretrained(str(tmp_path))
