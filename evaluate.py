@@ -73,8 +73,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fp8
 import hf
 import prepare_data
+from cli import Parser, Range, flag, str2bool
 from model import GPT, GPTConfig
-from train import Parser, distributed, setup_device, str2bool
+from safeio import WriteError, make_dir, write_json
+from train import distributed, setup_device
 
 
 def fail(message):
@@ -759,7 +761,6 @@ def resolve_tasks(args):
 def get_parser():
     p = Parser(prog="evaluate.py", description=__doc__.split("\n")[1], epilog="Conventions and the local data "
                "layout: the docstring of evaluate.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = lambda g, name, **kw: g.add_argument(f"--{name}", **kw)
     switch = dict(type=str2bool, nargs="?", const=True, default=False)
     g = p.add_argument_group("model")
     flag(g, "ckpt", default=None, help="a train.py --out_dir (its newest checkpoint) or a ckpt_*.pt; default out")
@@ -769,25 +770,29 @@ def get_parser():
     flag(g, "tasks", default=None, help=f"comma-separated, of {', '.join(TASKS)}, val, paper (the paper's), all; "
          "with --harness any lm-eval task; default paper")
     flag(g, "val", **switch, help="validation loss, perplexity and bits per byte")
-    flag(g, "num_fewshot", type=int, default=None, help="shots for every task; default per task (RECIPE.md 6)")
-    flag(g, "limit", type=int, default=None, help="the first N items of each task (MMLU: of all subjects)")
+    flag(g, "num_fewshot", type=int, default=None, range=Range(0),
+         help="shots for every task; default per task (RECIPE.md 6)")
+    flag(g, "limit", type=int, default=None, range=Range(1), help="the first N items of each task (MMLU: of all "
+         "subjects)")
     flag(g, "data_dir", default=None, help="<task>.jsonl files instead of the hub; token shards for --val")
-    flag(g, "val_tokens", type=int, default=1 << 20, help="tokens of the val split to score")
-    flag(g, "val_batch_size", type=int, default=4, help="rows of block_size tokens per forward for --val")
-    flag(g, "max_gen_toks", type=int, default=256, help="new tokens at most per generation (GSM8K)")
+    flag(g, "val_tokens", type=int, default=1 << 20, range=Range(1), help="tokens of the val split to score")
+    flag(g, "val_batch_size", type=int, default=4, range=Range(1), help="rows of block_size tokens per forward for "
+         "--val")
+    flag(g, "max_gen_toks", type=int, default=256, range=Range(1), help="new tokens at most per generation (GSM8K)")
     flag(g, "harness", **switch, help="run lm-evaluation-harness itself on this model (pip install lm-eval)")
     flag(g, "confirm_run_unsafe_code", **switch, help="--harness: let lm-eval run model-written code (humaneval, mbpp)")
     g = p.add_argument_group("system")
     flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N")
     flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
-    flag(g, "batch_size", type=int, default=16, help="rows per forward when scoring, prompts per generation batch")
+    flag(g, "batch_size", type=int, default=16, range=Range(1),
+         help="rows per forward when scoring, prompts per generation batch")
     flag(g, "compile", **switch, help="torch.compile the scorer's forward (generation stays eager)")
     flag(g, "out", default=None, help="results JSON; default <checkpoint>_eval.json or ./results.json")
     g = p.add_argument_group("sampling (--prompt) and benchmark (--bench)")
     flag(g, "prompt", default=None, help="print a continuation of this text instead of evaluating")
-    flag(g, "max_new_tokens", type=int, default=200)
-    flag(g, "temperature", type=float, default=0.8, help="0 = greedy")
-    flag(g, "top_k", type=int, default=50)
+    flag(g, "max_new_tokens", type=int, default=200, range=Range(1))
+    flag(g, "temperature", type=float, default=0.8, range=Range(0), help="0 = greedy")
+    flag(g, "top_k", type=int, default=50, range=Range(1))
     flag(g, "seed", type=int, default=1337)
     flag(g, "bench", **switch, help="scoring throughput on the first task (synthetic arc rows without "
          "--data_dir), and lm-eval's HFLM's on the same requests")
@@ -796,11 +801,7 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    for k, low in dict(batch_size=1, val_batch_size=1, limit=1, val_tokens=1, max_gen_toks=1, max_new_tokens=1,
-                       top_k=1, num_fewshot=0, temperature=0).items():
-        if getattr(args, k) is not None and getattr(args, k) < low:
-            fail(f"--{k}={getattr(args, k)}: must be at least {low}")
+    args = get_parser().parse_args(argv)  # flags out of their range: one line here
     try:
         return evaluate(args)
     except prepare_data.DataError as e:
@@ -836,9 +837,9 @@ def evaluate(args):
         return bench(env, args, names)
     out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
     try:  # before evaluating, so that a bad --out costs no run
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    except OSError as e:
-        fail(f"--out={out}: cannot make its directory ({e.strerror}); pass another --out")
+        make_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    except WriteError as e:
+        fail(str(e))
     results = {}
     if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data
         shards = args.data_dir if args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json")) \
@@ -855,9 +856,11 @@ def evaluate(args):
     if rank == 0:
         print_results(results)
         paper = {k: dict(zip(("shots", "metric", "score"), v)) for k, v in PAPER_XMODEL_2_5.items() if k in results}
-        with open(out, "w") as f:
-            json.dump(dict(model=where, tokenizer=tok.name, results=results, paper_xmodel_2_5=paper, args=vars(args)),
-                      f, indent=1)
+        try:
+            write_json(out, dict(model=where, tokenizer=tok.name, results=results, paper_xmodel_2_5=paper,
+                                 args=vars(args)), indent=1)
+        except WriteError as e:
+            fail(f"{e}; the scores are in the table above")
         print(f"wrote {out}")
     if world > 1:
         dist.barrier()
