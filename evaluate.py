@@ -23,8 +23,10 @@ The built-in scorer does what lm-eval 0.4.13's task yamls do, so its numbers com
     where the harness does (and where the pool is the evaluated file) shots + 1 are drawn and the item dropped
     (lambada from the hub too, where the harness keeps it). --limit cuts the evaluated items, never the pool.
     MMLU shows the first 5 dev rows of the item's subject. Examples are "context choice", joined by blank lines.
-  - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most; flexible-extract takes the last number,
-    strict-match the one after "####"; exact match ignores case, commas, "$" and a final ".".
+  - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most (--max_gen_toks: below block_size, as the
+    harness requires; a prompt keeps its last block_size - max_gen_toks tokens, and a cut is reported);
+    flexible-extract takes the last number, strict-match the one after "####"; exact match ignores case, commas,
+    "$" and a final ".".
 
 Data: the hub via `datasets` (the harness's dataset, config and splits; offline, one line says what to do), or
 --data_dir=DIR holding <task>.jsonl (the evaluated split, rows with the hub dataset's fields) and optionally
@@ -48,7 +50,9 @@ Data: the hub via `datasets` (the harness's dataset, config and splits; offline,
     lambada_openai  {"text": "He opened the door and saw his old friend"}       [EleutherAI/lambada_openai test]
     gsm8k       {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\\n#### 5"}
                                                                                     [openai/gsm8k main test; train]
---val reads the token shards of --data_dir when it holds them (meta.json), else the checkpoint's training data.
+--val reads the token shards of --data_dir when it holds them (meta.json), else (saying so) the val split of the
+checkpoint's training data, so one --data_dir of task files serves --tasks=val,arc_easy; a --data_dir that does not
+exist is refused.
 """
 
 import argparse
@@ -388,13 +392,27 @@ def finish(tok, ids, until):
     return text, done
 
 
+def check_gen_toks(max_gen_toks, block_size, what="max_gen_toks"):
+    """Generation keeps the last block_size - max_gen_toks tokens of a prompt: refuse a value that leaves none (the
+    harness refuses it too), naming the largest that works."""
+    if max_gen_toks >= block_size:
+        fail(f"{what}={max_gen_toks} leaves no room for the prompt in this model's block_size={block_size}: the "
+             f"largest that works is {block_size - 1} (a prompt keeps its last block_size - max_gen_toks tokens)")
+
+
 @torch.no_grad()
 def generate_until(env, prompts, until, max_gen_toks=256, temperature=0.0, shard=True, desc="generating"):
-    """Each prompt's continuation (greedy by default) up to the first stop string: prompts cut on the left to leave
-    max_gen_toks of block_size, longest first, left-padded, batch_size at a time, with the KV cache."""
+    """Each prompt's continuation (greedy by default) up to the first stop string: prompts cut on the left (and
+    said so) to leave max_gen_toks of block_size, longest first, left-padded, batch_size at a time, with the KV
+    cache. max_gen_toks >= block_size is refused."""
     tok, T = env.tok, env.model.config.block_size
-    max_gen = min(max_gen_toks, T - 1)
-    enc = [([tok.eot] + tok.encode(p))[-(T - max_gen):] for p in prompts]
+    check_gen_toks(max_gen_toks, T)
+    enc = [[tok.eot] + tok.encode(p) for p in prompts]
+    cut = sum(len(e) > T - max_gen_toks for e in enc)
+    if cut and env.rank == 0:
+        print(f"{desc}: {cut} of {len(enc)} prompts lose tokens on the left to keep {T - max_gen_toks} "
+              f"(block_size={T} - max_gen_toks={max_gen_toks})")
+    enc = [e[-(T - max_gen_toks):] for e in enc]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     order = order[env.rank::env.world] if shard else order
     out, (tick, done) = {}, progress(len(order), desc, env)
@@ -405,7 +423,7 @@ def generate_until(env, prompts, until, max_gen_toks=256, temperature=0.0, shard
         x = torch.tensor([[tok.eot] * (L - len(enc[i])) + enc[i] for i in batch], device=env.device)
         pad = torch.tensor([L - len(enc[i]) for i in batch], device=env.device)
         with inference(env):
-            y = env.model.generate(x, max_gen, temperature=temperature, pad=pad, stop=stop)
+            y = env.model.generate(x, max_gen_toks, temperature=temperature, pad=pad, stop=stop)
         out.update((i, finish(tok, row, until)[0]) for i, row in zip(batch, y[:, L:].tolist()))
         tick(len(batch))
     done()
@@ -520,8 +538,10 @@ def harness_model(env, max_gen_toks=256):
             for key, idx in groups.items():
                 kw = json.loads(key)
                 until = [kw["until"]] if isinstance(kw.get("until"), str) else kw.get("until") or []
-                texts = generate_until(env, [requests[i].args[0] for i in idx], until,
-                                       kw.get("max_gen_toks", max_gen_toks),
+                n = kw.get("max_gen_toks", max_gen_toks)  # the task's own, else --max_gen_toks
+                check_gen_toks(n, env.model.config.block_size, "the task's max_gen_toks" if "max_gen_toks" in kw
+                               else "--max_gen_toks")
+                texts = generate_until(env, [requests[i].args[0] for i in idx], until, n,
                                        kw.get("temperature", 1.0) if kw.get("do_sample") else 0.0, shard=False)
                 for i, t in zip(idx, texts):
                     out[i] = t
@@ -774,11 +794,13 @@ def get_parser():
          help="shots for every task; default per task (RECIPE.md 6)")
     flag(g, "limit", type=int, default=None, range=Range(1), help="the first N items of each task (MMLU: of all "
          "subjects)")
-    flag(g, "data_dir", default=None, help="<task>.jsonl files instead of the hub; token shards for --val")
+    flag(g, "data_dir", default=None, help="<task>.jsonl files instead of the hub; for --val its token shards if it "
+         "has them (meta.json), else the checkpoint's training data")
     flag(g, "val_tokens", type=int, default=1 << 20, range=Range(1), help="tokens of the val split to score")
     flag(g, "val_batch_size", type=int, default=4, range=Range(1), help="rows of block_size tokens per forward for "
          "--val")
-    flag(g, "max_gen_toks", type=int, default=256, range=Range(1), help="new tokens at most per generation (GSM8K)")
+    flag(g, "max_gen_toks", type=int, default=256, range=Range(1), help="new tokens at most per generation "
+         "(GSM8K; --harness: tasks that set none); below block_size, whose rest holds the prompt")
     flag(g, "harness", **switch, help="run lm-evaluation-harness itself on this model (pip install lm-eval)")
     flag(g, "confirm_run_unsafe_code", **switch, help="--harness: let lm-eval run model-written code (humaneval, mbpp)")
     g = p.add_argument_group("system")
@@ -810,6 +832,9 @@ def main(argv=None):
 
 def evaluate(args):
     names = resolve_tasks(args)
+    if args.data_dir and not os.path.isdir(args.data_dir):  # else --val would score other data without a word
+        fail(f"--data_dir={args.data_dir}: no such directory (it holds <task>.jsonl files or prepare_data.py's "
+             "token shards)")
     ddp, rank, local, world = distributed()
     try:
         device = setup_device(args.device, local if ddp else None)
@@ -835,18 +860,23 @@ def evaluate(args):
         return print(args.prompt + finish(tok, out, [])[0])
     if args.bench:
         return bench(env, args, names)
+    if "gsm8k" in names or args.harness and any(n not in TASKS for n in names):  # generation: before any scoring
+        check_gen_toks(args.max_gen_toks, model.config.block_size, "--max_gen_toks")
     out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
     try:  # before evaluating, so that a bad --out costs no run
         make_dir(os.path.dirname(os.path.abspath(out)), "--out")
     except WriteError as e:
         fail(str(e))
     results = {}
-    if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data
-        shards = args.data_dir if args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json")) \
-            else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
+    if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data (docstring)
+        own = args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json"))
+        shards = args.data_dir if own else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
         if not os.path.isfile(os.path.join(shards, "meta.json")):  # e.g. a relative training path, run elsewhere
             tried = " or ".join(dict.fromkeys(filter(None, (args.data_dir, shards))))
             fail(f"--val: no token shards (meta.json) in {tried}; pass --data_dir=<the dir prepare_data.py wrote>")
+        if args.data_dir and not own and rank == 0:
+            print(f"val: {args.data_dir} has no token shards (meta.json); scoring the val split of the checkpoint's "
+                  f"training data, {shards}")
         results["val"] = validation(env, args, shards)
     names = [n for n in names if n != "val"]
     results.update(run_harness(env, args, names) if args.harness else {})

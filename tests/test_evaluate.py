@@ -412,6 +412,25 @@ def test_flags_out_of_range_are_one_line(flag, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and f"evaluate.py: error: {flag} is out of range" in err
 
 
+def test_data_dir_that_is_not_there_is_refused(tmp_path, val_data):
+    """--val with a --data_dir that does not exist used to score the checkpoint's training data instead."""
+    model = random_model(320, block_size=64)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(dict(version=1, step=1, model=model.state_dict(), model_config=asdict(model.config), tokenizer="byte",
+                    args={"data_dir": val_data}), run / "ckpt_0000001.pt")
+    msg = one_line_error([f"--ckpt={run}", "--val", f"--data_dir={tmp_path / 'typo'}", f"--out={tmp_path}/r.json"])
+    assert f"--data_dir={tmp_path / 'typo'}: no such directory" in msg
+    # a --data_dir of task files without token shards: --val scores the checkpoint's own val split, and says so
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), f"--ckpt={run}", "--val",
+                        f"--data_dir={tmp_path}", "--val_tokens=64", "--val_batch_size=1", f"--out={tmp_path}/r.json"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"val: {tmp_path} has no token shards (meta.json); scoring the val split of the checkpoint's training " \
+           f"data, {val_data}" in r.stdout
+    assert json.load(open(tmp_path / "r.json"))["results"]["val"]["n"] == 64
+
+
 def test_failed_results_write_is_one_line_and_keeps_the_old_file(tmp_path, ckpt, monkeypatch, capsys):
     write_task(str(tmp_path), "arc_easy", n=3)
     out = tmp_path / "r.json"
@@ -425,6 +444,25 @@ def test_failed_results_write_is_one_line_and_keeps_the_old_file(tmp_path, ckpt,
                                                                                    "arc_easy.jsonl", "r.json"]
 
 
+def test_generation_never_cuts_prompts_silently(bpe, bpe_model, capsys):
+    """max_gen_toks >= block_size used to cut every prompt to its last token; now it is refused with the largest
+    value that works, and a prompt longer than block_size - max_gen_toks loses its left end with a note."""
+    env, T = make_env(bpe_model, bpe, batch_size=2), bpe_model.config.block_size
+    with pytest.raises(SystemExit, match=f"max_gen_toks={T} leaves no room .* the largest that works is {T - 1}"):
+        ev.generate_until(env, ["a prompt"], [], max_gen_toks=T)
+    long, short = text(random.Random(0), 200), "the cat sat"
+    got = ev.generate_until(env, [long, short], [], max_gen_toks=8)
+    assert "1 of 2 prompts lose tokens on the left to keep 152 (block_size=160 - max_gen_toks=8)" in \
+        capsys.readouterr().out
+    kept = torch.tensor([([bpe.eot] + bpe.encode(long))[-(T - 8):]])
+    assert got[0] == ev.finish(bpe, bpe_model.generate(kept, 8, temperature=0)[0, T - 8:].tolist(), [])[0]
+    # the harness adapter: a task's own max_gen_toks is checked too, and named
+    pytest.importorskip("lm_eval", reason="pip install lm-eval to test the harness adapter")
+    req = namedtuple("Req", "args")(("a prompt", {"until": ["\n"], "max_gen_toks": 500}))
+    with pytest.raises(SystemExit, match=f"the task's max_gen_toks=500 leaves no room .* works is {T - 1}"):
+        ev.harness_model(env).generate_until([req])
+
+
 ARC_ROW = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
 
 
@@ -434,10 +472,13 @@ ARC_ROW = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]
     ("arc_easy", {**ARC_ROW, "choices": {"text": "ab", "label": ["A", "B"]}}, [], "not strings in a list"),
     ("arc_easy", {**ARC_ROW, "choices": {"text": ["a", None], "label": ["A", "B"]}}, [], "not a list of strings"),
     ("mmlu", {"question": "q", "subject": "anatomy", "choices": ["a", "b", "c"], "answer": 0}, [], "choices (4)"),
-    ("gsm8k", {"question": "q", "answer": 5}, [], "not strings"),
+    ("gsm8k", {"question": "q", "answer": 5}, ["--max_gen_toks=8"], "not strings"),
     (None, None, ["--device=" + ("cuda:99" if torch.cuda.is_available() else "cuda")], "use --device=cpu"),
     (None, None, ["--device=gpu"], "is not a device: use auto, cpu, cuda or cuda:N"),
     (None, None, ["--tasks=val"], "pass --data_dir="),  # the checkpoint's data_dir is gone, --data_dir has no shards
+    # generation would keep no prompt token (block_size 256): refused before any item is read or scored
+    ("gsm8k", {"question": "q"}, ["--max_gen_toks=256"], "--max_gen_toks=256 leaves no room for the prompt in this "
+     "model's block_size=256: the largest that works is 255"),
 ])
 def test_bad_input_says_what_to_do(tmp_path, ckpt, task, content, flags, phrase):
     if task:
