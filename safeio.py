@@ -41,15 +41,22 @@ def _mb(n):
     return f"{n / 2**20:,.1f} MB"
 
 
+def os_error(e):
+    """The OSError behind an exception, or None: torch.save's zip writer reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError, which stays in its context."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def write_error(path, e, size_hint=None):
     """A WriteError for a failed write of path: the reason, and for a full disk how much was needed."""
-    where = os.path.dirname(os.path.abspath(path))
+    e = os_error(e) or e
     free = None
     with suppress(OSError):
-        free = shutil.disk_usage(where).free
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     code = getattr(e, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or (size_hint is not None and free is not None and free < size_hint)
-    if full or (code is None and free is not None and free < 2**20):  # torch's zip writer hides the errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
         reason = "the disk is full" + (f": about {_mb(size_hint)} needed" if size_hint else "") + \
                  (f", {_mb(free)} free" if free is not None else "")
     elif code == errno.EFBIG:
@@ -62,11 +69,6 @@ def write_error(path, e, size_hint=None):
         text = str(e).strip()
         reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
     return WriteError(f"cannot write {path}: {reason}")
-
-
-def _is_write_failure(e):
-    # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc] ... file write failed")
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower())
 
 
 @contextmanager
@@ -85,7 +87,7 @@ def atomic_write(path, mode="wb", size_hint=None, encoding=None):
     except BaseException as e:
         with suppress(OSError):
             os.remove(tmp)
-        if _is_write_failure(e):
+        if os_error(e) is not None:
             raise write_error(path, e, size_hint) from None
         raise
     with suppress(OSError):  # make the rename itself durable (a power cut right after keeps the new file)
