@@ -200,6 +200,12 @@ class GPTConfig:
 
     def validate(self):
         problems = []
+        for f in fields(self):  # sizes and multipliers: positive finite numbers (a zero init_std is allowed)
+            v, low = getattr(self, f.name), "init_std"
+            if f.type in (int, float) and not (math.isfinite(v) and (v > 0 or (v == 0 and f.name == low))):
+                problems.append(f"{f.name}={v} must be {'>= 0' if f.name == low else '> 0'}")
+        if problems:
+            raise ValueError("bad model config: " + "; ".join(problems))
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         elif self.head_dim % 2:
