@@ -16,15 +16,16 @@ a run exactly where it stopped.
 """
 
 import argparse
-import difflib
 import glob
 import json
 import math
 import os
 import random
 import re
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields, replace
 from datetime import timedelta
 
@@ -35,30 +36,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fp8
 import prepare_data
+from cli import Parser, Range, flag, str2bool
 from model import GPT, GPTConfig, PRESETS
 from muon import Muon
+from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, read_jsonl, rewrite_jsonl, write_json
 
 # -----------------------------------------------------------------------------
 # flags
-
-
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/0/true/false, got {s!r}")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line, not the whole usage: say what is wrong and the closest real flag
-        m = re.match(r"unrecognized arguments: (\S+)", message)
-        if m:
-            flag = m.group(1).split("=")[0]
-            close = difflib.get_close_matches(flag, [o for a in self._actions for o in a.option_strings], n=1)
-            message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
-        self.exit(2, f"{self.prog}: error: {message}; see python {self.prog} --help\n")
 
 
 # the schedule and batch of each preset. xmodel-2.5 is the recipe's pre-training run (RECIPE.md section 3):
@@ -89,7 +73,7 @@ def get_parser():
     p = Parser(prog="train.py", description=__doc__.split("\n")[1],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     per_preset = lambda k: "per --preset: " + ", ".join(f"{n} {v[k]}" for n, v in TRAIN_PRESETS.items())
-    flag = lambda g, name, **kw: g.add_argument(f"--{name}", **kw)
+    ge0, ge1, unit = Range(0), Range(1), Range(0, 1, hi_open=True)  # the allowed values, checked by Parser
 
     g = p.add_argument_group("model (defaults come from --preset; see model.py for each field)")
     flag(g, "preset", default="cpu", choices=list(PRESETS))
@@ -111,35 +95,40 @@ def get_parser():
          "from step 0 (AdamW for embedding and norms inside it)")
     flag(g, "muon_at_decay", type=str2bool, nargs="?", const=True, default=False,
          help="the recipe's switch: AdamW until the decay starts, then Muon (RECIPE.md section 4)")
-    flag(g, "lr", type=float, default=0.01, help="peak LR eta of the embedding; other params get eta/m (muP)")
-    flag(g, "weight_decay", type=float, default=0.1)
-    flag(g, "beta1", type=float, default=0.9)
-    flag(g, "beta2", type=float, default=0.95)
-    flag(g, "eps", type=float, default=1e-8)
-    flag(g, "grad_clip", type=float, default=1.0, help="0 disables")
+    flag(g, "lr", type=float, default=0.01, range=ge0,
+         help="peak LR eta of the embedding; other params get eta/m (muP)")
+    flag(g, "weight_decay", type=float, default=0.1, range=ge0)
+    flag(g, "beta1", type=float, default=0.9, range=unit)
+    flag(g, "beta2", type=float, default=0.95, range=unit)
+    flag(g, "eps", type=float, default=1e-8, range=Range(0, lo_open=True))
+    flag(g, "grad_clip", type=float, default=1.0, range=ge0, help="0 disables")
 
     g = p.add_argument_group("Muon (muon.py; values: RECIPE.md section 4)")
-    flag(g, "muon_momentum", type=float, default=0.95)
+    flag(g, "muon_momentum", type=float, default=0.95, range=unit)
     flag(g, "muon_scale", default="moonlight", choices=["moonlight", "spectral"],
          help="moonlight: lr*0.2*sqrt(max(rows,cols)), reuses AdamW's lr; spectral: lr*sqrt(max(1,rows/cols))")
-    flag(g, "ns_steps", type=int, default=5, help="Newton-Schulz iterations")
+    flag(g, "ns_steps", type=int, default=5, range=ge1, help="Newton-Schulz iterations")
     flag(g, "ns_coeffs", default="quintic", choices=["quintic", "polar_express"])
     flag(g, "split_fused", type=str2bool, nargs="?", const=True, default=False,
          help="orthogonalize q/k/v and gate/up apart instead of each fused matrix whole")
     flag(g, "ns_triton", type=str2bool, default=None, help="Triton Newton-Schulz kernel; default on CUDA")
 
     g = p.add_argument_group("schedule and batch (Warmup-Stable-Decay: RECIPE.md section 3)")
-    flag(g, "max_iters", type=int, default=None, help=per_preset("max_iters"))
-    flag(g, "warmup_iters", type=int, default=None, help=per_preset("warmup_iters"))
-    flag(g, "decay_iters", type=int, default=None, help="the decay window at the end; " + per_preset("decay_iters"))
-    flag(g, "decay_frac", type=float, default=None, help="the decay window as a fraction of max_iters instead")
+    flag(g, "max_iters", type=int, default=None, range=ge1, help=per_preset("max_iters"))
+    flag(g, "warmup_iters", type=int, default=None, range=ge0, help=per_preset("warmup_iters"))
+    flag(g, "decay_iters", type=int, default=None, range=ge0,
+         help="the decay window at the end; " + per_preset("decay_iters"))
+    flag(g, "decay_frac", type=float, default=None, range=Range(0, 1),
+         help="the decay window as a fraction of max_iters instead")
     flag(g, "decay_shape", default="exponential", choices=list(DECAY_SHAPES))
-    flag(g, "min_lr_ratio", type=float, default=1 / 16, help="LR at the end of decay / peak (the scripts' peak/16)")
-    flag(g, "total_batch_size", type=int, default=None, help="tokens per step; " + per_preset("total_batch_size"))
-    flag(g, "batch_size", type=int, default=None, help="sequences per micro-step per process; "
+    flag(g, "min_lr_ratio", type=float, default=1 / 16, range=Range(0, 1),
+         help="LR at the end of decay / peak (the scripts' peak/16)")
+    flag(g, "total_batch_size", type=int, default=None, range=ge1,
+         help="tokens per step; " + per_preset("total_batch_size"))
+    flag(g, "batch_size", type=int, default=None, range=ge1, help="sequences per micro-step per process; "
          + per_preset("batch_size"))
-    flag(g, "batch_double_step", type=int, default=None, help="step from which the batch doubles, 0 = never; "
-         + per_preset("batch_double_step"))
+    flag(g, "batch_double_step", type=int, default=None, range=ge0,
+         help="step from which the batch doubles, 0 = never; " + per_preset("batch_double_step"))
 
     g = p.add_argument_group("FP8 (fp8.py; RECIPE.md section 5)")
     flag(g, "fp8", type=str2bool, nargs="?", const=True, default=False,
@@ -151,21 +140,24 @@ def get_parser():
     flag(g, "device", default="auto", help="auto, cpu, cuda, cuda:N")
     flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
     flag(g, "compile", type=str2bool, nargs="?", const=True, default=None, help="torch.compile; default on GPU")
-    flag(g, "seed", type=int, default=1337)
+    flag(g, "seed", type=int, default=1337, range=Range(0, 2**32 - 1))
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
     flag(g, "out_dir", default="out")
-    flag(g, "eval_interval", type=int, default=None, help=per_preset("eval_interval"))
-    flag(g, "eval_iters", type=int, default=None, help="validation batches per process; " + per_preset("eval_iters"))
-    flag(g, "log_interval", type=int, default=None, help="steps between log lines; " + per_preset("log_interval"))
-    flag(g, "ckpt_interval", type=int, default=None, help=per_preset("ckpt_interval"))
-    flag(g, "keep_ckpts", type=int, default=3,
+    flag(g, "eval_interval", type=int, default=None, range=ge0, help=per_preset("eval_interval"))
+    flag(g, "eval_iters", type=int, default=None, range=ge1,
+         help="validation batches per process; " + per_preset("eval_iters"))
+    flag(g, "log_interval", type=int, default=None, range=ge1,
+         help="steps between log lines; " + per_preset("log_interval"))
+    flag(g, "ckpt_interval", type=int, default=None, range=ge0, help=per_preset("ckpt_interval"))
+    flag(g, "keep_ckpts", type=int, default=3, range=ge0,
          help="newest checkpoints kept, 0 = all (the one at decay start always stays)")
     flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
          "or --resume=PATH for a given one")
     flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
          help="start fresh even if --out_dir holds checkpoints (they are replaced)")
-    flag(g, "sample_len", type=int, default=None, help="tokens of text sampled at the end; " + per_preset("sample_len"))
+    flag(g, "sample_len", type=int, default=None, range=ge0,
+         help="tokens of text sampled at the end; " + per_preset("sample_len"))
     flag(g, "dry_run", type=str2bool, nargs="?", const=True, default=False, help="print config and schedule, then exit")
     return p
 
@@ -220,6 +212,10 @@ def grad_accum_steps(step, args, world_size):
     return total // per_micro
 
 
+def step_tokens(step, args, world_size):
+    return grad_accum_steps(step, args, world_size) * args.batch_size * args.block_size * world_size
+
+
 def optimizer_kind(step, args):
     if args.optimizer == "muon" or (args.muon_at_decay and step >= decay_start(args)):
         return "muon"
@@ -260,12 +256,9 @@ def list_ckpts(out_dir):
 
 def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    size = sum(t.numel() * t.element_size() for t in tensors_of(state))
+    with atomic_write(path, size_hint=size) as f:  # a kill or a full disk leaves the old checkpoints as they were
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoints and at worst a stray .tmp
     for old in replaced:  # --overwrite: the replaced run's checkpoints go once the new one is safe
         if old != path and os.path.exists(old):
             os.remove(old)
@@ -273,6 +266,46 @@ def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
         if step != protected_step:
             os.remove(old)
     return path
+
+
+def tensors_of(obj):
+    """Every tensor inside nested dicts / lists (a state_dict, an optimizer's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_of(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_of(v)
+
+
+# a weight this large is a run blowing up: trained weights stay within ~10 and norm gains within ~100; an exploded
+# model (seen at --lr=10: |w| ~ 1e13) still gives a finite loss (a uniform guess, ln vocab) but never learns again
+MAX_WEIGHT = 1e3
+
+
+def diverged(model, optimizer, loss, vocab_size):
+    """Why these weights must not be saved, or None. A checkpoint has to resume: every weight and optimizer moment
+    finite, no weight beyond MAX_WEIGHT, and the weights themselves (after the step's update, which no training
+    loss has seen yet) scoring a loss under 2 ln(vocab) on the step's last batch (a uniform guess scores ln vocab)."""
+    params = [p.detach() for p in model.parameters()]
+    moments = [t for t in tensors_of(optimizer.state_dict()["state"]) if t.is_floating_point()]
+    if not bool(torch.stack([t.isfinite().all() for t in params + moments]).all()):
+        return "weights or optimizer state not finite"
+    biggest = torch.stack([p.abs().max() for p in params]).max().item()
+    if biggest > MAX_WEIGHT:
+        return f"a weight reached {biggest:.3g} (trained weights stay far under {MAX_WEIGHT:g})"
+    if not loss < 2 * math.log(vocab_size):  # (NaN fails too)
+        return f"the new weights score a loss of {loss:.4g}, above 2 ln(vocab) = {2 * math.log(vocab_size):.2f}"
+    return None
+
+
+def stop_diverged(step, problem, last_saved, out_dir):
+    where = f"the last good checkpoint is step {last_saved} in {out_dir} (--resume)" if last_saved else \
+        "no checkpoint was written yet"
+    raise SystemExit(f"train.py: error: the run diverged at step {step}: {problem}; stopped without saving; {where}; "
+                     f"try a lower --lr or --grad_clip")
 
 
 def load_ckpt(path, config, tokenizer):
@@ -365,14 +398,72 @@ def setup_device(flag, local_rank=None):
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={flag}: this machine or torch build has no MPS device; use --device=cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"--device={flag}: nanoXmodel runs on cpu, cuda or mps, not {device.type}")
     return device
 
 
-def main(argv=None):
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler taking the node back) asks the run to stop: it finishes the step,
+    saves a checkpoint and exits with 128 + the signal's number. A second signal interrupts at once."""
+
+    def __init__(self):
+        self.signal, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        print(f"train.py: {self.signal.name}: stopping after this step (again to stop at once, without saving)")
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def run_dir(args, master, ddp):
+    """--out_dir, made and locked by rank 0 for the life of the run, so a second run into it is refused (the lock
+    goes with its process, however it ends: a crashed run never blocks the next); every rank stops if that fails."""
+    lock, error = None, None
+    if master:
+        try:
+            make_dir(args.out_dir, "--out_dir")
+            lock = FileLock(os.path.join(args.out_dir, ".lock"), "train.py run").acquire()
+        except WriteError as e:
+            error = str(e)
+        except LockError as e:
+            error = f"{e}; wait for it to end, or use another --out_dir"
+    if ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise SystemExit(f"train.py: error: {error}")
     try:
-        return train(parse_args(argv))
-    except prepare_data.DataError as e:  # bad data is the user's to fix: one line, no traceback
+        yield
+    finally:
+        if lock:
+            lock.release()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (prepare_data.DataError, WriteError) as e:  # bad data, a full disk: the user's to fix, in one line
         raise SystemExit(f"train.py: error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        ckpts = list_ckpts(args.out_dir)
+        raise SystemExit("train.py: interrupted; " + (f"--resume continues from {ckpts[-1][1]}" if ckpts else
+                                                      "no checkpoint was written")) from None
 
 
 def train(args):
@@ -443,19 +534,38 @@ def train(args):
         print_schedule(args, optimizer.param_groups, world_size)
         return {"config": config, "args": args}
 
+    with run_dir(args, master, ddp):  # made and locked: a second run into it is refused
+        return run(args, ddp, master, log, device, world_size, autocast, meta, config, model, optimizer, opt_kind,
+                   train_loader, val_loader, local_rank)
+
+
+def resume_checkpoint(args, ckpts, config, meta, world_size, log):
+    """The checkpoint --resume names, refused if it cannot continue this run; what changed since it is logged."""
+    path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+    if path is None or not os.path.exists(path):
+        raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
+                         f"drop --resume to start a new run")
+    ckpt = load_ckpt(path, config, meta["tokenizer"])
+    later = [s for s, _ in ckpts if s > ckpt["step"]]
+    if later and not args.overwrite:
+        raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
+                         f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
+    # legitimate but not silent: a new batch size or world size (the recipe doubles its batch), a new schedule
+    saved, now = dict(ckpt["args"], world_size=ckpt.get("world_size")), dict(vars(args), world_size=world_size)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k) is not None and saved[k] != v
+               and k not in ("resume", "overwrite", "out_dir", "dry_run")]
+    log(f"resumed from {path} at step {ckpt['step']}" + ("; changed since it was saved: " + ", ".join(changed)
+                                                         if changed else ""))
+    return ckpt
+
+
+def run(args, ddp, master, log, device, world_size, autocast, meta, config, model, optimizer, opt_kind,
+        train_loader, val_loader, local_rank):
     # resume, or refuse to silently replace an earlier run
     ckpts = list_ckpts(args.out_dir)
-    start_step, best_val = 0, None
+    start_step, best_val, tokens_seen = 0, None, 0
     if args.resume:
-        path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
-        if path is None or not os.path.exists(path):
-            raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
-                             f"drop --resume to start a new run")
-        ckpt = load_ckpt(path, config, meta["tokenizer"])
-        later = [s for s, _ in ckpts if s > ckpt["step"]]
-        if later and not args.overwrite:
-            raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
-                             f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
+        ckpt = resume_checkpoint(args, ckpts, config, meta, world_size, log)
         model.load_state_dict(ckpt["model"])
         if args.fp8 and ckpt.get("fp8") is not None:  # delayed scaling's amax histories
             fp8.load_fp8_state_dict(model, ckpt["fp8"])
@@ -466,7 +576,7 @@ def train(args):
         train_loader.load_state_dict(ckpt["train_loader"])
         set_rng_state(ckpt["rng"])
         start_step, best_val = ckpt["step"], ckpt["best_val"]
-        log(f"resumed from {path} at step {start_step}")
+        tokens_seen = ckpt.get("tokens_seen", sum(step_tokens(s, args, world_size) for s in range(start_step)))
         del ckpt
     elif ckpts and not args.overwrite:
         raise SystemExit(f"train.py: error: {args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); "
@@ -476,16 +586,14 @@ def train(args):
     decay_at = decay_start(args)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": asdict(config)}, f, indent=1)
-        # keep the log consistent with the checkpoint: drop entries the resumed run will write again
+        write_json(os.path.join(args.out_dir, "config.json"), {"args": vars(args), "model": asdict(config)}, indent=1)
+        # keep the log consistent with the checkpoint: drop entries the resumed run will write again; atomically,
+        # so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, is dropped)
         if start_step < args.max_iters:  # (a finished run's log stays as it is)
-            kept = []
-            if start_step > 0 and os.path.exists(log_path):
-                kept = [line for line in open(log_path) if json.loads(line)["step"] < start_step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+            entries, torn = read_jsonl(log_path) if start_step > 0 else ([], 0)
+            rewrite_jsonl(log_path, [e for e in entries if e.get("step", math.inf) < start_step])
+            if torn:
+                log(f"{log_path}: dropped {torn} unreadable line(s), a write torn by a crash")
         else:
             log(f"the run already reached --max_iters={args.max_iters}; raise it to train further")
 
@@ -503,97 +611,122 @@ def train(args):
         return x
 
     @torch.no_grad()
-    def evaluate():
+    def loss_of(batches):
         model.eval()
-        val_loader.reset()
         total = torch.zeros((), device=device)
-        for _ in range(args.eval_iters):
-            x, y = val_loader.next_batch(args.batch_size, args.block_size)
+        for x, y in batches:
             with autocast:
                 total += model(x.to(device), y.to(device))[1].float()
         model.train()
-        return all_mean(total / args.eval_iters).item()
+        return all_mean(total / len(batches)).item()
+
+    def evaluate():
+        val_loader.reset()
+        return loss_of([val_loader.next_batch(args.batch_size, args.block_size) for _ in range(args.eval_iters)])
 
     def write_log(entry):
         if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            try:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as e:
+                raise WriteError(f"cannot append to {log_path} ({e.strerror}); the checkpoints are intact: fix it, "
+                                 f"then --resume") from None
 
-    def checkpoint(step):
+    def checkpoint(step, probe):
+        """Save the state after `step` steps; stop the run instead if diverged() objects (all ranks agree)."""
+        problem = diverged(raw_model, optimizer, loss_of([probe]), config.vocab_size)
+        if all_mean(torch.tensor(float(problem is not None), device=device)).item() > 0:
+            stop_diverged(step, problem or "on another rank", last_saved, args.out_dir)
+        error = None
         if master:
             state = dict(version=CKPT_VERSION, step=step, model=raw_model.state_dict(),
                          optimizer=optimizer.state_dict(), optimizer_name=opt_kind,
                          model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
                          train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val,
+                         tokens_seen=tokens_seen, world_size=world_size,
                          fp8=fp8.fp8_state_dict(raw_model) if args.fp8 else None)
-            path = save_ckpt(state, args.out_dir, args.keep_ckpts, decay_at, replaced=stale)
-            stale.clear()
-            log(f"saved {path}")
+            try:
+                log(f"saved {save_ckpt(state, args.out_dir, args.keep_ckpts, decay_at, replaced=stale)}")
+                stale.clear()
+            except WriteError as e:
+                error = f"{e}; the earlier checkpoints are intact: free some space, then --resume"
+        if all_mean(torch.tensor(float(error is not None), device=device)).item() > 0:
+            raise SystemExit(f"train.py: error: {error or 'rank 0 could not write a checkpoint'}")
 
     last_saved = start_step if args.resume else None
     val_loss = None
-    for step in range(start_step, args.max_iters):
-        if step == args.batch_double_step and step > 0:
-            log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
-        if step == decay_at:
-            log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
-        if optimizer_kind(step, args) != opt_kind:
-            # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
-            # Muon momentum starts at zero; only the weights carry over
-            log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
-                f"weights carried over")
-            opt_kind = optimizer_kind(step, args)
-            optimizer = build_optimizer(raw_model, args, device, opt_kind)
-        if args.eval_interval and step % args.eval_interval == 0:
-            val_loss = evaluate()
-            best_val = val_loss if best_val is None else min(best_val, val_loss)
-            log(f"step {step}: val loss {val_loss:.4f}")
-            write_log(dict(step=step, val_loss=val_loss))
+    with StopRequest() as stop:
+        for step in range(start_step, args.max_iters):
+            if step == args.batch_double_step and step > 0:
+                log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md "
+                    f"section 3)")
+            if step == decay_at:
+                log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+            if optimizer_kind(step, args) != opt_kind:
+                # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
+                # Muon momentum starts at zero; only the weights carry over
+                log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
+                    f"weights carried over")
+                opt_kind = optimizer_kind(step, args)
+                optimizer = build_optimizer(raw_model, args, device, opt_kind)
+            if args.eval_interval and step % args.eval_interval == 0:
+                val_loss = evaluate()
+                best_val = val_loss if best_val is None else min(best_val, val_loss)
+                log(f"step {step}: val loss {val_loss:.4f}")
+                write_log(dict(step=step, val_loss=val_loss, tokens=tokens_seen))
 
-        t0 = time.perf_counter()
-        lr = args.lr * lr_mult(step, args)
-        set_lr(optimizer, lr)
-        accum = grad_accum_steps(step, args, world_size)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_loader.next_batch(args.batch_size, args.block_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
-            with (nullcontext() if sync else ddp_model.no_sync()), autocast:
-                _, loss = model(x, y)
-            (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        loss, grad_norm = all_mean(loss_sum / accum).item(), grad_norm.item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
-            where = f"the last good checkpoint is step {last_saved} in {args.out_dir} (--resume)" if last_saved \
-                else "no checkpoint was written yet"
-            raise SystemExit(f"train.py: error: loss {loss}, gradient norm {grad_norm} at step {step}; stopped "
-                             f"without saving; {where}; try a lower --lr or --grad_clip")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # count the optimizer's kernels in the step time
-        dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lr = args.lr * lr_mult(step, args)
+            set_lr(optimizer, lr)
+            accum = grad_accum_steps(step, args, world_size)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = train_loader.next_batch(args.batch_size, args.block_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
+                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            # one all-reduce: the loss, and whether any rank was asked to stop (so all stop at the same step)
+            stats = all_mean(torch.stack([loss_sum / accum, torch.tensor(float(stop.signal is not None),
+                                                                          device=device)]))
+            loss, grad_norm, stopping = stats[0].item(), grad_norm.item(), stats[1].item() > 0
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
+                stop_diverged(step, f"loss {loss}, gradient norm {grad_norm}", last_saved, args.out_dir)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # count the optimizer's kernels in the step time
+            dt = time.perf_counter() - t0
 
-        tokens_per_sec = accum * args.batch_size * args.block_size * world_size / dt
-        mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, args.block_size, device)
-        write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
-                       mfu=mfu, phase=phase(step, args), optimizer=opt_kind))
-        if step % args.log_interval == 0 or step == args.max_iters - 1:
-            log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
-                f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                + f" | {1000 * dt:.0f} ms")
-        done = step + 1
-        if done == args.max_iters or done == decay_at or (args.ckpt_interval and done % args.ckpt_interval == 0):
-            checkpoint(done)
-            last_saved = done
+            tokens = step_tokens(step, args, world_size)
+            tokens_seen += tokens
+            mfu = raw_model.estimate_mfu(tokens / dt / world_size, args.block_size, device)
+            write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens / dt, mfu=mfu,
+                           phase=phase(step, args), optimizer=opt_kind, tokens=tokens_seen,
+                           seq_len=args.block_size))
+            if step % args.log_interval == 0 or step == args.max_iters - 1:
+                log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
+                    f"{tokens / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                    + f" | {1000 * dt:.0f} ms")
+            done = step + 1
+            if stopping or done in (args.max_iters, decay_at) or (args.ckpt_interval and done % args.ckpt_interval
+                                                                  == 0):
+                checkpoint(done, (x, y))
+                last_saved = done
+            if stopping:  # (the checkpoint above was saved, or the run stopped as diverged)
+                log(f"train.py: stopped by {stop.signal.name if stop.signal else 'a signal to another rank'}; saved "
+                    f"step {done}: --resume continues from it")
+                raise SystemExit(128 + (stop.signal or signal.SIGINT))
 
     if start_step < args.max_iters:
         val_loss = evaluate()
         best_val = val_loss if best_val is None else min(best_val, val_loss)
         log(f"step {args.max_iters}: val loss {val_loss:.4f} (best {best_val:.4f})")
-        write_log(dict(step=args.max_iters, val_loss=val_loss))
+        write_log(dict(step=args.max_iters, val_loss=val_loss, tokens=tokens_seen))
     if master and args.sample_len > 0:
         tok = prepare_data.get_tokenizer(meta["tokenizer"])
         raw_model.eval()
