@@ -141,6 +141,9 @@ def get_parser():
     flag(g, "dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 autocast on GPU")
     flag(g, "compile", type=str2bool, nargs="?", const=True, default=None, help="torch.compile; default on GPU")
     flag(g, "seed", type=int, default=1337, range=Range(0, 2**32 - 1))
+    flag(g, "chunked_loss", type=str2bool, nargs="?", const=True, default=True,
+         help="the tied head and the loss a chunk of tokens at a time, never the whole (tokens x vocab) logits "
+              "(model.chunked_cross_entropy); 0: logits + F.cross_entropy, the plain reference")
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
     flag(g, "out_dir", default="out")
@@ -516,6 +519,7 @@ def train(args):
     else:
         model = GPT(config).to(device)
     pretrained = None
+    model.chunked_loss = args.chunked_loss
     if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise SystemExit(f"train.py: error: --fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
                          f"{torch.cuda.get_device_name(device)} has none; drop --fp8")
