@@ -11,8 +11,8 @@ mup_sweep.py: does the learning rate transfer across width? The evidence for muP
    the lines are flat; under SP they climb. tests/test_model.py::test_coordinate_check asserts the slopes of
    the same measurement (coordinate_sizes below).
 
-    python mup_sweep.py --threads=1                  # CPU: widths 64-512, seed 1, 2 layers x 150 steps
-    python mup_sweep.py --threads=1 --seeds=1,2      # error bars from two seeds (each is train.py's --seed)
+    python mup_sweep.py --threads=1                  # CPU: widths 64-512, 6 LRs, seed 1: ~100 min on 2 busy cores
+    python mup_sweep.py --threads=1 --seeds=2 --widths=64,128,256 --resume    # + a second seed where it is cheap
     python mup_sweep.py --coord                      # the coordinate check, a few minutes on a CPU
     python mup_sweep.py --plot_only=figures/mup_sweep.json      # redraw a figure from its JSON
     python mup_sweep.py --quick                      # a tiny sweep for a test, well under a minute
@@ -155,34 +155,42 @@ def run_info():
 
 
 def sweep(args):
-    key = lambda r: (r["parameterization"], r["width"], r["lr"], r["seed"])
-    runs, done = [], {}
-    if args.resume and os.path.exists(args.out):  # reuse the runs an interrupted sweep already has
+    """Run the grid (seeds x parameterizations x widths x LRs), writing the JSON after every run. With --resume
+    the runs already in --out are kept (also those outside this grid: a second seed can be added to some widths
+    only) and only the missing ones run."""
+    runs, history = [], []
+    if args.resume and os.path.exists(args.out):
         old = json.load(open(args.out))
         if old.get("train_args") != args.train_args or old.get("head_dim") != args.head_dim:
             raise SystemExit(f"mup_sweep.py: error: {args.out} holds a sweep with other --train_args/--head_dim; "
                              "drop --resume or choose another --out")
-        done = {key(r): r for r in old["runs"]}
+        runs, history = old["runs"], old.get("history", []) + [old["info"]]
+    have = {(r["parameterization"], r["width"], r["lr"], r["seed"]) for r in runs}
     # seeds outermost, so a sweep cut short has every width at its first seed(s)
-    todo = [(s, name, w, lr) for s in args.seeds for name in PARAMS for w in args.widths for lr in args.lrs]
+    todo = [(s, name, w, lr) for s in args.seeds for name in PARAMS for w in args.widths for lr in args.lrs
+            if (name, w, lr, s) not in have]
     info, t_start = run_info(), time.time()
-    for i, (seed, name, width, lr) in enumerate(todo):
-        r = done.get((name, width, lr, seed))
-        if r is None:
-            t0 = time.time()
-            val = run(width, lr, name == "muP", seed, args.train_args, args.head_dim)
-            r = dict(parameterization=name, width=width, lr=lr, seed=seed, val_loss=val,
-                     seconds=round(time.time() - t0, 1))
-            print(f"[{i + 1}/{len(todo)}] {name:>3} width {width:>4} lr {lr:<8g} seed {seed}: val loss {val:.4f} "
-                  f"({r['seconds']:.0f} s)", flush=True)
-        runs.append(r)
+
+    def save(complete):
         cells, best = summarize(runs)
-        data = dict(kind="sweep", train_args=args.train_args, head_dim=args.head_dim, widths=args.widths,
-                    lrs=args.lrs, seeds=args.seeds, runs=runs, cells=cells,
+        data = dict(kind="sweep", train_args=args.train_args, head_dim=args.head_dim,
+                    widths=sorted({r["width"] for r in runs}), lrs=sorted({r["lr"] for r in runs}),
+                    seeds=sorted({r["seed"] for r in runs}), runs=runs, cells=cells,
                     best_lr=[dict(parameterization=n, width=w, lr=lr) for (n, w), lr in best.items()],
-                    info=dict(info, wall_seconds=round(time.time() - t_start, 1), complete=i + 1 == len(todo)))
-        write_json(args.out, data, indent=1)  # after every run: a kill loses at most the run in flight
-    return data
+                    info=dict(info, wall_seconds=round(time.time() - t_start, 1), complete=complete),
+                    history=history)  # the earlier invocations' info, for a resumed sweep
+        write_json(args.out, data, indent=1)
+        return data
+
+    for i, (seed, name, width, lr) in enumerate(todo):
+        t0 = time.time()
+        val = run(width, lr, name == "muP", seed, args.train_args, args.head_dim)
+        runs.append(dict(parameterization=name, width=width, lr=lr, seed=seed, val_loss=val,
+                         seconds=round(time.time() - t0, 1)))
+        print(f"[{i + 1}/{len(todo)}] {name:>3} width {width:>4} lr {lr:<8g} seed {seed}: val loss {val:.4f} "
+              f"({runs[-1]['seconds']:.0f} s)", flush=True)
+        save(complete=False)  # after every run: a kill loses at most the run in flight
+    return save(complete=True)
 
 
 def report(data):
@@ -349,20 +357,20 @@ def plot_coord(data, path):
         return None
     widths, steps = data["widths"], data["steps"]
     sites = list(COORD_TITLES)
-    fig, axes = plt.subplots(2, len(sites), figsize=(3.2 * len(sites), 6.8), sharey="col", sharex=True)
+    slope = lambda name, site, t: np.polyfit(np.log(widths), np.log(data[name][site][t]), 1)[0]
+    fig, axes = plt.subplots(2, len(sites), figsize=(3.2 * len(sites), 7.4), sharey="col", sharex=True)
     cmap = plt.get_cmap("viridis_r")
     for row, name in enumerate(PARAMS):
         for col, site in enumerate(sites):
             ax = axes[row, col]
             v = np.asarray(data[name][site])
             if site != "logits_change":
-                ax.plot(widths, v[0], ls="--", color="grey", marker=".", label="init")
+                ax.plot(widths, v[0], ls="--", color="grey", marker=".", label="init (step 0)")
             for t in range(1, steps + 1):
                 ax.plot(widths, v[t], color=cmap(0.25 + 0.75 * (t - 1) / max(1, steps - 1)), marker="o", ms=3,
-                        label=f"step {t}")
-            slope = np.polyfit(np.log(widths), np.log(v[-1]), 1)[0]
-            ax.text(0.04, 0.94, f"slope {slope:+.2f}", transform=ax.transAxes, va="top", fontsize=9,
-                    bbox=dict(fc="white", ec="none", alpha=0.8))
+                        label=f"after step {t}")
+            ax.text(0.04, 0.95, f"slope {slope(name, site, steps):+.2f}", transform=ax.transAxes, va="top",
+                    fontsize=9, bbox=dict(fc="white", ec="none", alpha=0.8))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(widths)
@@ -371,19 +379,31 @@ def plot_coord(data, path):
             if row == 0:
                 ax.set_title(COORD_TITLES[site], fontsize=10)
             if row == 1:
-                ax.set_xlabel("width")
+                ax.set_xlabel("width (n_embd)")
             if col == 0:
-                ax.set_ylabel(f"{name}\nmean |activation|")
-    axes[0, 0].legend(fontsize=7.5, loc="lower left")
-    fig.suptitle(f"Coordinate check: activation size vs width after steps 1..{steps} of AdamW at lr "
-                 f"{data['lr']:g} (2 layers, head dim 32, base width 64, mean over {len(data['seeds'])} seed(s))",
-                 fontsize=12)
-    fig.text(0.5, 0.01, "muP (top): every line flat (slope ~0) except the logits' change. The tied readout is not "
-             "zero-initialised, so the logits at init, (h/m).E with E random, shrink as width^-0.5,\nand every "
-             "step's change through the random part of E does too; the coherent part (the embedding's own update, "
-             "aligned with h) stays flat. SP (bottom): the outputs grow with width.",
-             ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+                ax.set_ylabel(f"{name}\nmean |activation|", fontsize=11)
+    for col in range(len(sites)):  # at least a factor 30 per column, so a flat line looks flat
+        lo, hi = axes[0, col].get_ylim()
+        if hi / lo < 30:
+            mid = math.sqrt(lo * hi)
+            axes[0, col].set_ylim(mid / math.sqrt(30), mid * math.sqrt(30))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9, bbox_to_anchor=(0.99, 0.955))
+    seeds = ",".join(str(s) for s in data["seeds"])
+    fig.suptitle(f"Coordinate check: activation size vs width at init and after steps 1..{steps} of AdamW at lr "
+                 f"{data['lr']:g} (2 layers, head dim 32, base width 64, seeds {seeds}); slope: log-log, after step "
+                 f"{steps}", fontsize=11.5, x=0.01, ha="left")
+    fig.text(0.5, 0.01, (
+        f"muP (top): the embedding, attention and MLP outputs keep their size as width grows. So do the trained "
+        f"logits, but the tied readout E is not zero-initialised: at init the logits (h/m).E are a random sum that "
+        f"shrinks as width^{slope('muP', 'logits', 0):+.2f} (dashed),\nand the part of each step's change that "
+        f"goes through E's random init shrinks the same way, while the coherent part (E's own update, aligned with "
+        f"h) is flat and takes over: the change's slope is {slope('muP', 'logits_change', 1):+.2f} after step 1, "
+        f"{slope('muP', 'logits_change', steps):+.2f} after step {steps}.\nSP (bottom): attention and MLP outputs "
+        f"grow as width^{slope('SP', 'attn', steps):.1f} and width^{slope('SP', 'mlp', steps):.1f}, the logits as "
+        f"width^{slope('SP', 'logits', steps):.1f}. tests/test_model.py::test_coordinate_check asserts these slopes "
+        f"(widths 64-512)."), ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.085, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -409,7 +429,7 @@ def parse_args(argv=None):
     p = Parser(prog="mup_sweep.py", description=__doc__.split("\n")[1])
     g = p.add_argument_group("the learning-rate sweep")
     flag(g, "widths", type=number_list(int), default=[64, 128, 256, 512], help="n_embd values, comma-separated")
-    flag(g, "lrs", type=number_list(float), default=[0.00125, 0.0025, 0.005, 0.01, 0.02],
+    flag(g, "lrs", type=number_list(float), default=[0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02],
          help="peak eta values (train.py --lr), comma-separated")
     flag(g, "seeds", type=number_list(int, positive=False), default=[1], help="train.py --seed values: 1,2 gives "
          "error bars (the seed sets the init; the data order is the same)")

@@ -196,3 +196,24 @@ def test_coord_quick_writes_its_picture(tmp_path):
         assert f"{name}: log-log slope" in printed
     assert np.all(np.asarray(data["muP"]["logits_change"])[0] == 0)  # nothing changed before the first step
     assert os.path.exists(str(tmp_path / "coord.png")) == HAVE_MPL
+
+
+def test_resume_adds_a_seed_to_some_widths_and_keeps_the_rest(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(width, lr, mup, seed, train_args, head_dim):
+        calls.append((width, lr, mup, seed))
+        return fake_loss("muP" if mup else "SP", width, lr, seed)
+
+    monkeypatch.setattr(mup_sweep, "run", fake_run)
+    out = str(tmp_path / "r.json")
+    capture(lambda: mup_sweep.main(["--widths=64,128", "--lrs=0.005,0.01", "--seeds=1", f"--out={out}"]))
+    assert len(calls) == 8
+    capture(lambda: mup_sweep.main(["--widths=64", "--lrs=0.005,0.01", "--seeds=1,2", f"--out={out}", "--resume"]))
+    assert calls[8:] == [(64, lr, mup, 2) for mup in (True, False) for lr in (0.005, 0.01)]  # only what was missing
+    data = json.load(open(out))
+    assert len(data["runs"]) == 12 and data["widths"] == [64, 128] and data["seeds"] == [1, 2]
+    assert {(c["width"], c["n"]) for c in data["cells"]} == {(64, 2), (128, 1)}
+    assert data["info"]["complete"] and len(data["history"]) == 1
+    with pytest.raises(SystemExit, match="other --train_args"):
+        mup_sweep.main(["--widths=64", "--seeds=3", f"--out={out}", "--resume", "--train_args=--max_iters=5"])
