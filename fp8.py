@@ -23,25 +23,33 @@ and multiplied back inside the GEMM: y = (x8 @ w8) * s_x * s_w, which _scaled_mm
 *dequantisation* scale, the form _scaled_mm takes. The casts saturate (clamp to +-fp8_max first): a plain cast
 turns an out-of-range value into NaN (E4M3 on CUDA) or inf (E5M2). An all-zero tensor gets s = 1.
 
-Where amax comes from, two recipes (convert_to_fp8(recipe=...)):
+Where amax comes from, two recipes (convert_to_fp8(recipe=...)), for the activations and the gradients:
   current  this step's amax of the tensor itself: always in range, but the amax is a full reduction over
-           the tensor that must finish before its cast can start.
+           the tensor that must finish before its cast can start: two passes over it.
   delayed  the recipe's (Transformer Engine's default): the max over an amax history of the last 128 steps,
-           kept per tensor (input, weight, grad_output) in a rolling buffer; this step's amax only enters the
-           history, so the scale is known before the tensor is (amax and cast can share one pass); the price:
-           a sudden outlier is clamped (saturated) for one step.
-           The first step, with an empty history, uses the current amax. A "step" is one forward (backward) in
-           training mode, i.e. one micro-batch, as in Transformer Engine; eval mode reads the history only.
-The histories are non-persistent buffers, so model.state_dict() is the same with and without FP8 (checkpoints
-stay interchangeable); fp8_state_dict / load_fp8_state_dict carry them through a checkpoint for exact resume.
+           kept per tensor (input, grad_output) in a rolling buffer; this step's amax only enters the history,
+           so the scale is known before the tensor is, and under torch.compile the amax, the cast and the
+           transposed copy below share one pass, fused into the kernel that produced the tensor (the norm, the
+           SwiGLU product). The price: a sudden outlier is clamped (saturated) for one step. A "step" is one
+           forward (backward) in training mode, i.e. one micro-batch, as in Transformer Engine; eval mode reads the
+           history only. An empty history (the first step) takes the current amax; whether a history is filled
+           is decided between steps, in Python (refresh), so compiled code has no branch on it.
+The weights are different: they change only at optimizer.step(), so each is cast once per step (refresh: its
+current amax, no history needed, then E4M3 row-major and transposed) and that cast is reused by every
+gradient-accumulation micro-batch of the step, off the critical path of all but the first. Any optimizer step
+marks the casts stale (a global hook); eager code also sees in-place edits through the weight's version counter.
+The histories and casts are non-persistent buffers, so model.state_dict() is the same with and without FP8
+(checkpoints stay interchangeable); fp8_state_dict / load_fp8_state_dict carry the histories for exact resume.
 
 Layout. On Hopper, cuBLASLt's FP8 GEMM supports only the "TN" layout: both operands must have the inner (K)
 dimension contiguous. In PyTorch terms the first operand of _scaled_mm is row-major (M, K), the second
 column-major (K, N); inner and output dims are multiples of 16. The forward gets both for free (x is row-major,
-and W.t() of the row-major (N, K) weight is column-major); the two backward GEMMs need a transposed copy of an
-fp8 operand, which costs one byte per element and which torch.compile fuses into the cast. CPU _scaled_mm (torch
->= 2.8) checks none of this, so check_scaled_mm enforces the CUDA rules on every device: a CPU test catches what
-would only fail on the GPU. A token count that is not a multiple of 16 (it is the inner dim of grad_W) is padded.
+and W.t() of the row-major (N, K) weight is column-major); the two backward GEMMs need a K-major copy of each
+operand: the weight's comes with its cast once per step, the activation's (x8_t) is written by the forward next
+to x8 and the gradient's (g8_t) by the backward next to g8, one byte per element, in the same pass under
+torch.compile. CPU _scaled_mm (torch >= 2.8) checks none of this, so check_scaled_mm enforces the CUDA rules on
+every device: a CPU test catches what would only fail on the GPU. A token count that is not a multiple of 16
+(it is the inner dim of grad_W) is padded.
 
 What stays in high precision, as in the recipe: the embedding (a lookup, no GEMM), the tied output head (its
 logits feed the softmax and the loss directly), attention (softmax(QK^T)V in the bf16 flash kernel), norms,
@@ -49,22 +57,27 @@ the SwiGLU product, residuals, the fp32 master weights and the optimizer. Output
 dtype (bf16 on GPU), weight gradients in the weight's dtype (fp32), so DDP and the optimizer are unchanged.
 
 The claim: about +30% training throughput at 1.3B with no measurable quality loss. The block GEMMs run up to
-2x faster; attention, the head, the casts and everything else do not, hence ~1.3x end to end. That needs an
-H100 and torch.compile (eager, the extra amax and cast kernels eat the gain); `python fp8.py` measures it.
+2x faster; attention, the head, the casts and everything else do not, hence ~1.3x end to end at 48 layers, where
+the block linears hold ~71% of the FLOPs (at 12 layers the 129k-vocabulary head holds a third: ~1.1x at best).
+That needs an H100 and torch.compile (eager, the extra amax and cast kernels eat the gain); `python fp8.py` and
+`python bench.py` measure it.
 
     python train.py --fp8                           # delayed scaling (the recipe's)
     python train.py --fp8 --fp8_recipe=current      # current scaling
     python fp8.py                                   # FP8 vs bf16 on the recipe's linears (H100)
+    fp8.refresh(model)                              # once per optimizer step, before its first forward
     with fp8.disabled(model): ...                   # run the converted linears in high precision (evaluation)
 """
 
 import contextlib
 import statistics
 import time
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 HISTORY_LEN = 128  # amax history of delayed scaling (RECIPE.md section 5)
@@ -72,7 +85,9 @@ HISTORY_LEN = 128  # amax history of delayed scaling (RECIPE.md section 5)
 # more than FP8 saves. Every block linear of the 1.3B model is >= 1536 wide; the cpu preset (n_embd 128) converts.
 MIN_FEATURES = 128
 RECIPES = ("delayed", "current")
-TENSORS = ("input", "weight", "grad_output")  # the three tensors that get a scale (and, delayed, a history)
+# the tensors delayed scaling keeps an amax history for. The weight needs none: it is cast once per optimizer
+# step (weight_casts), when its amax is known and no GEMM waits on it, so it always takes its current amax
+TENSORS = ("input", "grad_output")
 
 # -----------------------------------------------------------------------------
 # scales, casts and the checked scaled matmul
@@ -88,12 +103,6 @@ def to_fp8(x, scale, dtype):
     # saturating cast: under delayed scaling this step's values may exceed the history's amax
     fmax = torch.finfo(dtype).max
     return (x.float() / scale).clamp(-fmax, fmax).to(dtype)
-
-
-def delayed_amax(history, amax):
-    # the largest amax of the last history_len steps; an empty (all-zero) history falls back to this step's
-    past = history.max()
-    return torch.where(past > 0, past, amax.float())
 
 
 @torch.no_grad()
@@ -133,44 +142,65 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum):
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """y = x @ w.T in E4M3 x E4M3; backward in E5M2 (grad) x E4M3 (saved operand), outputs in high precision."""
+    """y = x @ w.T in E4M3 x E4M3; backward in E5M2 (grad) x E4M3 (saved operand), outputs in high precision.
+
+    w8 (N, K) and w8_t (K, N) are the weight's E4M3 casts, made once per optimizer step (weight_casts). Each
+    operand's K-major copy for the backward GEMMs is written next to its cast (x8_t here, g8_t in backward), so
+    under torch.compile one pass over the high-precision tensor makes both."""
 
     @staticmethod
-    def forward(ctx, x, w, x_scale, w_scale, g_history, out_dtype, update):
-        x8, w8 = to_fp8(x, x_scale, E4M3), to_fp8(w, w_scale, E4M3)
-        ctx.save_for_backward(x8, w8, x_scale, w_scale)  # fp8 activations: half the memory of bf16
+    def forward(ctx, x, w, x_scale, w8, w8_t, w_scale, g_history, g_ready, out_dtype, update):
+        x8 = to_fp8(x, x_scale, E4M3)
+        x8_t = x8.t().contiguous()  # grad_w's second operand, column-major: x8_t.t()
+        ctx.save_for_backward(x8_t, w8_t, x_scale, w_scale)  # fp8 activations: half the memory of bf16
         # a history is mutated in backward, so it rides on ctx, outside save_for_backward's version check
-        ctx.g_history, ctx.update, ctx.x_dtype, ctx.w_dtype = g_history, update, x.dtype, w.dtype
+        ctx.g_history, ctx.g_ready, ctx.update, ctx.x_dtype, ctx.w_dtype = g_history, g_ready, update, x.dtype, \
+            w.dtype
         # fast accumulation only here: the backward GEMMs sum over more terms and keep full accumulation
         return scaled_mm(x8, w8.t(), x_scale, w_scale, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, g):
-        x8, w8, x_scale, w_scale = ctx.saved_tensors
+        x8_t, w8_t, x_scale, w_scale = ctx.saved_tensors
         g = g.contiguous()
         g_amax = g.detach().abs().amax().float()
-        if ctx.g_history is None:
-            g_scale = dequant_scale(g_amax, E5M2)
-        else:
-            g_scale = dequant_scale(delayed_amax(ctx.g_history, g_amax), E5M2)
-            if ctx.update:
-                push(ctx.g_history, g_amax)
+        # delayed: the scale from the history alone, so the cast need not wait for this gradient's amax
+        g_scale = dequant_scale(ctx.g_history.max() if ctx.g_ready else g_amax, E5M2)
+        if ctx.g_history is not None and ctx.update:
+            push(ctx.g_history, g_amax)
         g8 = to_fp8(g, g_scale, E5M2)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): w8 (N, K) as column-major needs a transposed copy
-            grad_x = scaled_mm(g8, w8.t().contiguous().t(), g_scale, w_scale, ctx.x_dtype, fast_accum=False)
-        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K): both operands need a transposed copy
-            grad_w = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), g_scale, x_scale, ctx.w_dtype,
-                               fast_accum=False)
-        return grad_x, grad_w, None, None, None, None, None
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): the weight's K-major cast, w8_t (K, N), as column-major
+            grad_x = scaled_mm(g8, w8_t.t(), g_scale, w_scale, ctx.x_dtype, fast_accum=False)
+        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K)
+            grad_w = scaled_mm(g8.t().contiguous(), x8_t.t(), g_scale, x_scale, ctx.w_dtype, fast_accum=False)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
+
 
 # -----------------------------------------------------------------------------
 # the module and the conversion
 
 
+_CACHES = weakref.WeakSet()  # every Float8Linear: an optimizer step anywhere makes their weight casts stale
+
+
+def _weights_changed(optimizer, args, kwargs):
+    for m in _CACHES:
+        m.cached = False
+
+
+register_optimizer_step_post_hook(_weights_changed)
+
+
 class Float8Linear(nn.Linear):
     """nn.Linear whose matmul runs in FP8 (module docstring). Same Parameters and state_dict keys as nn.Linear;
-    `enabled = False` (or fp8.disabled(model)) runs it as a plain high-precision nn.Linear."""
+    `enabled = False` (or fp8.disabled(model)) runs it as a plain high-precision nn.Linear.
+
+    The weight's E4M3 casts (w8, w8_t, w_scale: non-persistent buffers) are made by refresh() and reused until
+    the weight changes: any optimizer.step() marks them stale (a global hook), and in eager mode so does any
+    in-place change of the weight (its version counter). Eager forwards refresh by themselves; compiled code
+    cannot look at version counters, so call fp8.refresh(model) once per step before the first forward (train.py
+    does): without it a compiled forward casts the weight itself, every micro-batch, correct but slower."""
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, recipe="delayed",
                  history_len=HISTORY_LEN):
@@ -178,9 +208,20 @@ class Float8Linear(nn.Linear):
         if recipe not in RECIPES:
             raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {', '.join(RECIPES)}")
         self.recipe, self.enabled = recipe, True
-        if recipe == "delayed":  # non-persistent: the model's state_dict stays that of nn.Linear
+        self._buffers_on(device, history_len)
+
+    def _buffers_on(self, device, history_len):
+        # non-persistent: the model's state_dict stays that of nn.Linear
+        if self.recipe == "delayed":
             for t in TENSORS:
                 self.register_buffer(f"amax_history_{t}", torch.zeros(history_len, device=device), persistent=False)
+        self.register_buffer("w8", torch.empty(self.out_features, self.in_features, dtype=E4M3, device=device),
+                             persistent=False)
+        self.register_buffer("w8_t", torch.empty(self.in_features, self.out_features, dtype=E4M3, device=device),
+                             persistent=False)
+        self.register_buffer("w_scale", torch.ones((), device=device), persistent=False)
+        # Python state, read by compiled code as constants: the casts are current; a history holds an amax
+        self.cached, self.cast_version, self.ready = False, None, {t: False for t in TENSORS}
 
     @classmethod
     def from_linear(cls, linear, recipe="delayed", history_len=HISTORY_LEN):
@@ -188,19 +229,38 @@ class Float8Linear(nn.Linear):
                   history_len=history_len)
         # the same Parameter objects: param_groups, an existing optimizer and the state_dict keys stay valid
         new.weight, new.bias = linear.weight, linear.bias
-        for name, _ in list(new.named_buffers()):
-            setattr(new, name, torch.zeros(history_len, device=linear.weight.device))
+        new._buffers_on(linear.weight.device, history_len)
         return new
 
     def history(self, t):
         return getattr(self, f"amax_history_{t}", None)
+
+    def weight_casts(self):
+        """(w8, w8_t, w_scale): the weight in E4M3, row-major and transposed, scaled by its current amax."""
+        w = self.weight.detach()
+        scale = dequant_scale(w.abs().amax(), E4M3)
+        w8 = to_fp8(w, scale, E4M3)
+        return w8, w8.t().contiguous(), scale
+
+    @torch.no_grad()
+    def refresh(self):
+        """Recast the weight if it changed since the last cast; note which amax histories hold values yet."""
+        if not (self.cached and self.cast_version == self.weight._version):
+            for buf, new in zip((self.w8, self.w8_t, self.w_scale), self.weight_casts()):
+                buf.copy_(new)
+            self.cached, self.cast_version = True, self.weight._version
+            _CACHES.add(self)  # (here, not in __init__: a deepcopy's cache is watched too)
+        for t in TENSORS:  # (a sync each, but only until the first amax is in: the first step or two)
+            if self.history(t) is not None and not self.ready[t]:
+                self.ready[t] = bool(self.history(t).max() > 0)
 
     def scale(self, t, x):
         amax = x.detach().abs().amax().float()
         history = self.history(t)
         if history is None:
             return dequant_scale(amax, E4M3)
-        scale = dequant_scale(delayed_amax(history, amax), E4M3)
+        # delayed: the max of the last HISTORY_LEN steps, not this one's; only an empty history takes this amax
+        scale = dequant_scale(history.max() if self.ready[t] else amax, E4M3)
         if self.training:
             push(history, amax)
         return scale
@@ -208,14 +268,18 @@ class Float8Linear(nn.Linear):
     def forward(self, x):
         if not self.enabled:
             return super().forward(x)
+        if not torch.compiler.is_compiling():
+            self.refresh()
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.reshape(-1, self.in_features).contiguous()  # (B, T, C) -> (B*T, C), row-major
         pad = -x2.size(0) % 16  # tokens are grad_w's inner dim: pad with zero rows, which add nothing
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
-        y = _Float8Matmul.apply(x2, self.weight, self.scale("input", x2), self.scale("weight", self.weight),
-                                self.history("grad_output"), out_dtype, self.training)
+        w8, w8_t, w_scale = (self.w8, self.w8_t, self.w_scale) if self.cached else self.weight_casts()
+        y = _Float8Matmul.apply(x2, self.weight, self.scale("input", x2), w8, w8_t, w_scale,
+                                self.history("grad_output"), self.ready.get("grad_output", False), out_dtype,
+                                self.training)
         y = y[:y.size(0) - pad].view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -262,6 +326,13 @@ def disabled(model):
             m.enabled = e
 
 
+def refresh(model):
+    """Once per optimizer step, before its first forward: cast every FP8 weight for the step's micro-batches (they
+    reuse it) and read which amax histories are filled, so compiled forwards use the casts and the histories."""
+    for m in fp8_modules(model).values():
+        m.refresh()
+
+
 def fp8_modules(model):
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):  # torch.compile and DDP wrappers
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
@@ -282,9 +353,10 @@ def load_fp8_state_dict(model, state):
     if unknown:
         raise ValueError(f"fp8 state for modules this model has not converted to FP8: {', '.join(unknown)}")
     for name, histories in state.items():
+        mods[name].ready = {t: False for t in TENSORS}  # (refresh() looks again)
         for t, saved in histories.items():
             h = mods[name].history(t)
-            if h is not None:  # current scaling keeps no history: nothing to restore
+            if h is not None:  # current scaling keeps no history, older checkpoints a weight's: nothing to restore
                 n = min(len(h), len(saved))
                 h.zero_()
                 h[len(h) - n:] = saved[len(saved) - n:].to(h.device)

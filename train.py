@@ -662,6 +662,8 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
     val_loss = None
     with StopRequest() as stop:
         for step in range(start_step, args.max_iters):
+            if args.fp8:  # the step's FP8 weight casts, shared by its micro-batches (and eval)
+                fp8.refresh(raw_model)
             if step == args.batch_double_step and step > 0:
                 log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md "
                     f"section 3)")

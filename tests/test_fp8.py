@@ -149,7 +149,7 @@ def test_huge_outliers_saturate_instead_of_overflowing(recipe, monkeypatch):
 
 
 def test_delayed_history_rolls_and_the_scale_follows_its_max(monkeypatch):
-    scales = []  # every (scale, format) a cast used, in order: input, weight (forward), grad_output (backward)
+    scales = []  # every (scale, format) a cast used, in order: (weight, once,) input (forward), grad_output (backward)
     real = fp8.to_fp8
     monkeypatch.setattr(fp8, "to_fp8", lambda t, s, dtype: scales.append((s.item(), dtype)) or real(t, s, dtype))
     layer = fp8.Float8Linear.from_linear(nn.Linear(16, 16, bias=False))
@@ -166,8 +166,11 @@ def test_delayed_history_rolls_and_the_scale_follows_its_max(monkeypatch):
         g[0, 0] = -g_amax[t]
         scales.clear()
         layer(x).backward(g)
-        (sx, fx), (sw, fw), (sg, fg) = scales
-        assert (fx, fw, fg) == (fp8.E4M3, fp8.E4M3, fp8.E5M2)
+        if t == 0:  # the weight is cast once, before the first input, with its own amax: it never changes here
+            (sw, fw) = scales.pop(0)
+            assert fw == fp8.E4M3 and sw == pytest.approx(layer.weight.detach().abs().max().item() / 448, rel=1e-6)
+        (sx, fx), (sg, fg) = scales
+        assert (fx, fg) == (fp8.E4M3, fp8.E5M2)
         # the scale is the max over the previous 128 steps; the first step's, this step's own amax
         want_x = amax[max(0, t - 128):t].max() if t else amax[0]
         want_g = g_amax[max(0, t - 128):t].max() if t else g_amax[0]
@@ -181,14 +184,65 @@ def test_delayed_history_rolls_and_the_scale_follows_its_max(monkeypatch):
         assert torch.equal(layer.amax_history_grad_output[128 - k:], g_amax[t + 1 - k:t + 1])
         assert torch.all(layer.amax_history_input[:128 - k] == 0)
     assert sx < 100 / 448  # the big step left the window
-    w_amax = layer.weight.detach().abs().max()
-    assert torch.all(layer.amax_history_weight == w_amax)
+    assert layer.history("weight") is None  # (cast once per weight change, it takes its current amax)
     # evaluation reads the history but does not write it
     before = layer.amax_history_input.clone()
     layer.eval()
     with torch.no_grad():
         layer(x * 50)
     assert torch.equal(layer.amax_history_input, before)
+
+
+def fresh_output(layer, x):
+    """What a Float8Linear freshly made from layer's current weight computes for x: what a cache must give.
+    (Current scaling, so no amax history differs between the two.)"""
+    twin = fp8.Float8Linear.from_linear(nn.Linear(layer.in_features, layer.out_features, bias=False), "current")
+    twin.weight.data.copy_(layer.weight.data)
+    return twin(x)
+
+
+def test_weight_cast_is_reused_within_a_step_and_redone_after_optimizer_step(monkeypatch):
+    casts = []
+    real = fp8.Float8Linear.weight_casts
+    monkeypatch.setattr(fp8.Float8Linear, "weight_casts", lambda self: casts.append(1) or real(self))
+    gen = torch.Generator().manual_seed(0)
+    layer = fp8.Float8Linear.from_linear(nn.Linear(64, 48, bias=False), "current")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(3):
+        for micro in range(4):  # gradient accumulation: four forwards and backwards on one weight
+            x = torch.randn(32, 64, generator=gen)
+            y = layer(x)
+            assert torch.equal(y, fresh_output(layer, x))  # (the twin's own cast is not counted below)
+            casts_before = len(casts)
+            y.square().mean().backward()
+            assert len(casts) == casts_before
+        opt.step()
+        opt.zero_grad()
+    assert len(casts) == 3 + 3 * 4  # one per optimizer step, plus the twins' (one per forward checked)
+    # a cast left stale after a step would be caught: the cache was current after every step above, and ...
+    x = torch.randn(32, 64, generator=gen)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # ... an in-place change outside any optimizer is seen by its version counter
+    assert torch.equal(layer(x), fresh_output(layer, x))
+
+
+def test_compiled_forward_uses_the_refreshed_cast_and_never_a_stale_one():
+    gen = torch.Generator().manual_seed(1)
+    layer = fp8.Float8Linear.from_linear(nn.Linear(64, 48, bias=False), "current")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(3):
+        x = torch.randn(32, 64, generator=gen)
+        if step != 1:  # step 1 skips the refresh: the compiled forward must then cast the weight itself
+            fp8.refresh(layer)
+        assert layer.cached == (step != 1)
+        y = compiled(x)
+        assert torch.equal(y, fresh_output(layer, x))
+        y.square().mean().backward()
+        opt.step()  # invalidates every cache (a global optimizer hook)
+        assert not layer.cached
+        opt.zero_grad()
 
 
 def tiny_gpt(seed=0, **kw):
@@ -212,7 +266,7 @@ def test_fp8_state_round_trip():
     state = fp8.fp8_state_dict(a)
     names = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")}
     assert set(state) == names
-    assert all(set(h) == {"input", "weight", "grad_output"} and (v.device.type == "cpu") and (v[-5:] > 0).all()
+    assert all(set(h) == {"input", "grad_output"} and (v.device.type == "cpu") and (v[-5:] > 0).all()
                for h in state.values() for v in h.values())
     # what the next step gives, with the restored histories and without them
     results = []
@@ -348,6 +402,7 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
     for s in range(3):
         idx = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(s))
+        fp8.refresh(compiled)  # what train.py does before each step: weight casts, filled histories (eager)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = eager(idx, idx)[1], step(idx, idx)[1]
         a.backward()
