@@ -101,6 +101,15 @@ def spread(c):
     return (c["max"] - c["min"]) / 2 if c["n"] == 2 else c["std"]
 
 
+def seed_note(runs):
+    """Which seeds ran at which widths: 'seeds 1,2 at widths 64,128; seed 1 at width 256'."""
+    groups = {}
+    for w in sorted({r["width"] for r in runs}):
+        groups.setdefault(tuple(sorted({r["seed"] for r in runs if r["width"] == w})), []).append(w)
+    words = lambda word, xs: f"{word}{'s' * (len(xs) > 1)} {','.join(map(str, xs))}"
+    return "; ".join(words("seed", s) + " at " + words("width", ws) for s, ws in groups.items())
+
+
 def spread_note(cells):
     ns = sorted({c["n"] for c in cells})
     if ns == [1]:
@@ -196,9 +205,8 @@ def sweep(args):
 def report(data):
     cells = data["cells"]
     best = {(b["parameterization"], b["width"]): b["lr"] for b in data["best_lr"]}
-    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in data["runs"]}))
     for name in PARAMS:
-        print(f"\n{name}: final val loss, mean over seeds {seeds}; best LR of each width in bold")
+        print(f"\n{name}: final val loss, mean over {seed_note(data['runs'])}; best LR of each width in bold")
         print(table(cells, best, name))
     print(f"({spread_note(cells)})")
 
@@ -214,9 +222,14 @@ def coordinate_sizes(mup, widths=(64, 128, 256, 512), steps=5, lr=0.03, seeds=(0
     steps at a high LR (mean over seeds). Returns {site: array (steps + 1, len(widths))}, row t = after step t.
 
     The sites: the embedding's output (before scale_emb), the last block's attention and MLP outputs (before
-    the residual scale), the logits, and logits_change, the mean |logits_t - logits_0|: the part of the
-    logits that training put there (under muP it stays apart from the init part, which shrinks with width)."""
-    sizes = {k: np.zeros((steps + 1, len(widths))) for k in COORD_SITES + ("logits_change",)}
+    the residual scale) and the logits. Then the logits' change since init and its two parts through the tied
+    readout E (h: the final normed hidden state; 1/m: the output multiplier, output_scale / m):
+        logits_t - logits_0 = (h_t - h_0)/m . E_0  +  h_t/m . (E_t - E_0)
+                              change_via_init        change_via_update
+    The first goes through E's random init, which h's change is mostly not aligned with; the second through
+    E's own update, which is."""
+    sizes = {k: np.zeros((steps + 1, len(widths)))
+             for k in COORD_SITES + ("logits_change", "change_via_init", "change_via_update")}
     x = torch.randint(0, 128, (8, 33), generator=torch.Generator().manual_seed(1234))
     for i, width in enumerate(widths):
         for seed in seeds:
@@ -233,6 +246,8 @@ def coordinate_sizes(mup, widths=(64, 128, 256, 512), steps=5, lr=0.03, seeds=(0
             model.wte.register_forward_hook(grab("embedding"))
             model.blocks[-1].attn.register_forward_hook(grab("attn"))
             model.blocks[-1].mlp.register_forward_hook(grab("mlp"))
+            model.norm.register_forward_hook(grab("h"))
+            E0 = model.wte.weight.detach().clone()
             for t in range(steps + 1):
                 if t > 0:
                     model(x[:, :-1], x[:, 1:])[1].backward()
@@ -240,9 +255,12 @@ def coordinate_sizes(mup, widths=(64, 128, 256, 512), steps=5, lr=0.03, seeds=(0
                     opt.zero_grad()
                 with torch.no_grad():  # measure on the same batch; changes nothing the training sees
                     acts["logits"] = model(x[:, :-1])[0]
-                if t == 0:
-                    logits0 = acts["logits"]
-                acts["logits_change"] = acts["logits"] - logits0
+                    h = acts["h"] * model.config.logit_mult
+                    if t == 0:
+                        logits0, h0 = acts["logits"], h
+                    acts["logits_change"] = acts["logits"] - logits0
+                    acts["change_via_init"] = (h - h0) @ E0.T
+                    acts["change_via_update"] = h @ (model.wte.weight - E0).T
                 for k in sizes:
                     sizes[k][t, i] += acts[k].abs().mean().item() / len(seeds)
     return sizes
@@ -297,7 +315,7 @@ def plot_sweep(data, path):
     widths = sorted({c["width"] for c in cells})
     lrs = sorted({c["lr"] for c in cells})
     colors = dict(zip(widths, width_colors(plt, len(widths))))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), sharey=True)
     for ax, name in zip(axes, PARAMS):
         moves = []
         for w in widths:
@@ -333,22 +351,37 @@ def plot_sweep(data, path):
     if any(not math.isfinite(c["mean"]) for c in cells):
         handles.append(plt.Line2D([], [], ls="", marker="x", ms=8, mew=2, color="grey"))
         labels.append("diverged (loss went NaN)")
-    axes[1].legend(handles, labels, loc="upper left", fontsize=10, framealpha=0.9)
-    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in data["runs"]}))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, bbox_to_anchor=(0.5, 0.085),
+               frameon=False)
+    seeds = seed_note(data["runs"])
+    bars = {2: "error bars: min to max over the 2 seeds", 3: "error bars: +-1 std over the seeds (ddof=1)"}
+    ns = {c["n"] for c in cells}
+    bars = "no error bars (one seed)" if ns == {1} else bars[2] if max(ns) == 2 else bars[3]
     fig.suptitle("Learning-rate transfer across width: muP vs standard parameterization", fontsize=13)
     info = data.get("info", {})
-    fig.text(0.5, 0.01, f"Final val loss of train.py {data['train_args']} (embedded byte corpus), head dim "
-             f"{data['head_dim']}, base width 256; seeds {seeds}; {spread_note(cells)}.\n"
-             f"{info.get('date', '')[:10]}, commit {info.get('commit')}, {info.get('machine', '')}",
-             ha="center", va="bottom", fontsize=8.5, wrap=True)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.text(0.5, 0.01, f"Final validation loss, mean over seeds ({bars}); {seeds}.\n"
+             f"Each run: train.py {data['train_args']}\n(embedded byte corpus unless --data_dir says otherwise); "
+             f"head dim {data['head_dim']}, base width 256 (m = width / 256). {info.get('date', '')[:10]}, commit "
+             f"{info.get('commit')}, {info.get('machine', '')}, torch {info.get('torch', '')}.",
+             ha="center", va="bottom", fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 COORD_TITLES = dict(embedding="embedding output", attn="last block: attention out", mlp="last block: MLP out",
-                    logits="logits", logits_change="logits - logits at init")
+                    logits="logits", logits_change="logits - logits at init",
+                    split="that change after the last step,\nsplit at the tied readout E")
+
+
+def save_png(fig, path, dpi):
+    """savefig, then down to a 256-colour palette: a third of the bytes, no visible change for line plots."""
+    from PIL import Image  # a dependency of matplotlib
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def plot_coord(data, path):
@@ -358,23 +391,35 @@ def plot_coord(data, path):
     widths, steps = data["widths"], data["steps"]
     sites = list(COORD_TITLES)
     slope = lambda name, site, t: np.polyfit(np.log(widths), np.log(data[name][site][t]), 1)[0]
-    fig, axes = plt.subplots(2, len(sites), figsize=(3.2 * len(sites), 7.4), sharey="col", sharex=True)
+    fig, axes = plt.subplots(2, len(sites), figsize=(3.0 * len(sites), 7.6), sharey="col", sharex=True)
     cmap = plt.get_cmap("viridis_r")
+    split = {"logits_change": ("total", dict(color="black", ls="-")),
+             "change_via_init": ("via E's init,\n(h_t - h_0)/m . E_0", dict(color="tab:red", ls="--")),
+             "change_via_update": ("via E's update,\nh_t/m . (E_t - E_0)", dict(color="tab:orange", ls="-."))}
     for row, name in enumerate(PARAMS):
         for col, site in enumerate(sites):
             ax = axes[row, col]
-            v = np.asarray(data[name][site])
-            if site != "logits_change":
-                ax.plot(widths, v[0], ls="--", color="grey", marker=".", label="init (step 0)")
-            for t in range(1, steps + 1):
-                ax.plot(widths, v[t], color=cmap(0.25 + 0.75 * (t - 1) / max(1, steps - 1)), marker="o", ms=3,
-                        label=f"after step {t}")
-            ax.text(0.04, 0.95, f"slope {slope(name, site, steps):+.2f}", transform=ax.transAxes, va="top",
-                    fontsize=9, bbox=dict(fc="white", ec="none", alpha=0.8))
+            if site == "split":  # the last step's change and its two parts, each with its slope
+                for key, (label, style) in split.items():
+                    ax.plot(widths, data[name][key][steps], marker="o", ms=3,
+                            label=f"{label}: slope {slope(name, key, steps):+.2f}", **style)
+                ax.legend(fontsize=7.5, loc="upper right" if name == "muP" else "lower right", handlelength=2.5)
+            else:
+                v = np.asarray(data[name][site])
+                if site != "logits_change":
+                    ax.plot(widths, v[0], ls="--", color="grey", marker=".", label="init (step 0)")
+                for t in range(1, steps + 1):
+                    ax.plot(widths, v[t], color=cmap(0.25 + 0.75 * (t - 1) / max(1, steps - 1)), marker="o", ms=3,
+                            label=f"after step {t}")
+                ax.text(0.04, 0.95, f"slope {slope(name, site, steps):+.2f}", transform=ax.transAxes, va="top",
+                        fontsize=9, bbox=dict(fc="white", ec="none", alpha=0.8))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(widths)
             ax.set_xticklabels([str(w) for w in widths], fontsize=8)
+            ax.yaxis.set_major_locator(plt.LogLocator(subs=(1.0, 3.0)))
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
             ax.grid(alpha=0.3, which="both")
             if row == 0:
                 ax.set_title(COORD_TITLES[site], fontsize=10)
@@ -393,18 +438,20 @@ def plot_coord(data, path):
     fig.suptitle(f"Coordinate check: activation size vs width at init and after steps 1..{steps} of AdamW at lr "
                  f"{data['lr']:g} (2 layers, head dim 32, base width 64, seeds {seeds}); slope: log-log, after step "
                  f"{steps}", fontsize=11.5, x=0.01, ha="left")
+    s = lambda site, t=steps, name="muP": f"{slope(name, site, t):+.2f}"
     fig.text(0.5, 0.01, (
-        f"muP (top): the embedding, attention and MLP outputs keep their size as width grows. So do the trained "
-        f"logits, but the tied readout E is not zero-initialised: at init the logits (h/m).E are a random sum that "
-        f"shrinks as width^{slope('muP', 'logits', 0):+.2f} (dashed),\nand the part of each step's change that "
-        f"goes through E's random init shrinks the same way, while the coherent part (E's own update, aligned with "
-        f"h) is flat and takes over: the change's slope is {slope('muP', 'logits_change', 1):+.2f} after step 1, "
-        f"{slope('muP', 'logits_change', steps):+.2f} after step {steps}.\nSP (bottom): attention and MLP outputs "
-        f"grow as width^{slope('SP', 'attn', steps):.1f} and width^{slope('SP', 'mlp', steps):.1f}, the logits as "
-        f"width^{slope('SP', 'logits', steps):.1f}. tests/test_model.py::test_coordinate_check asserts these slopes "
-        f"(widths 64-512)."), ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.085, 1, 0.93))
-    fig.savefig(path, dpi=100)
+        f"muP (top): the embedding, attention and MLP outputs keep their size as width grows. The logits nearly do "
+        f"(slope {s('logits')}), but the tied readout E is not zero-initialised:\nat init the logits (h/m).E are a "
+        f"random sum that shrinks as width^{s('logits', 0)} (dashed). Training's change to the logits splits in two "
+        f"(right): the part through E's random init shrinks as width^{s('change_via_init')};\nthe part through E's "
+        f"own update, which is aligned with h, is nearly flat (width^{s('change_via_update')}) and grows with every "
+        f"step, so the logits' slope goes from {s('logits', 1)} after step 1 to {s('logits')} after step {steps}."
+        f"\nSP (bottom): attention and MLP outputs grow as width^{s('attn', name='SP')} and "
+        f"width^{s('mlp', name='SP')}, the logits as width^{s('logits', name='SP')}. "
+        f"tests/test_model.py::test_coordinate_check asserts these slopes on widths 64-512."),
+        ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.11, 1, 0.93))
+    save_png(fig, path, dpi=95)
     plt.close(fig)
     return path
 

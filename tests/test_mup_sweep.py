@@ -191,10 +191,11 @@ def test_coord_quick_writes_its_picture(tmp_path):
     data = json.load(open(out))
     q = mup_sweep.QUICK
     for name in ("muP", "SP"):
-        assert set(data[name]) == set(mup_sweep.COORD_SITES) | {"logits_change"}
+        assert set(data[name]) == set(mup_sweep.COORD_SITES) | {"logits_change", "change_via_init", "change_via_update"}
         assert np.asarray(data[name]["logits"]).shape == (q["coord_steps"] + 1, len(q["coord_widths"]))
         assert f"{name}: log-log slope" in printed
-    assert np.all(np.asarray(data["muP"]["logits_change"])[0] == 0)  # nothing changed before the first step
+    for site in ("logits_change", "change_via_init", "change_via_update"):  # nothing changed before the first step
+        assert np.all(np.asarray(data["muP"][site])[0] == 0) and np.all(np.asarray(data["muP"][site])[1:] > 0)
     assert os.path.exists(str(tmp_path / "coord.png")) == HAVE_MPL
 
 
