@@ -403,7 +403,12 @@ def plot_coord(data, path):
                 for key, (label, style) in split.items():
                     ax.plot(widths, data[name][key][steps], marker="o", ms=3,
                             label=f"{label}: slope {slope(name, key, steps):+.2f}", **style)
-                ax.legend(fontsize=7.5, loc="upper right" if name == "muP" else "lower right", handlelength=2.5)
+                if name == "muP":
+                    ax.legend(fontsize=7.5, loc="upper right", handlelength=2.5)
+                else:  # the same three lines; where they climb, only their slopes fit
+                    ax.text(0.96, 0.05, "slopes: total {:+.2f}\nvia init {:+.2f}\nvia update {:+.2f}".format(
+                        *(slope(name, k, steps) for k in split)), transform=ax.transAxes, ha="right",
+                        va="bottom", fontsize=8.5, bbox=dict(fc="white", ec="none", alpha=0.8))
             else:
                 v = np.asarray(data[name][site])
                 if site != "logits_change":
