@@ -68,3 +68,45 @@ def test_short_gpu_run_learns(tmp_path, flags):
     assert res["val_loss"] < 3.0 < losses[0]  # bytes: ln 256 = 5.5 at the start
     if "--muon_at_decay" in flags:  # AdamW through the stable phase, Muon from the first decay step (step 80)
         assert [e["optimizer"] for e in log if e.get("step") in (79, 80) and "loss" in e] == ["adamw", "muon"]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_head_matches_the_plain_head_under_bf16(compiled):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=256, n_head=4, n_kv_head=2, mlp_hidden=640, vocab_size=50_304, block_size=256)
+    model = GPT(cfg).cuda()
+    step = torch.compile(model) if compiled else model
+    idx = torch.randint(0, cfg.vocab_size, (8, 256), device="cuda")
+    out = {}
+    for chunked in (False, True):
+        model.chunked_loss = chunked
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(idx, idx.roll(-1, 1))[1]
+        loss.backward()
+        out[chunked] = loss.item(), [p.grad.clone() for p in model.parameters()]
+    assert abs(out[True][0] - out[False][0]) < 1e-3 * out[False][0]
+    assert max(rel_err(a, b) for a, b in zip(out[True][1], out[False][1])) < 2e-2  # bf16 matmuls either way
+
+
+def test_fp8_compiled_with_cached_weight_casts_matches_eager():
+    import copy
+    import fp8
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(n_layer=2, n_embd=256, n_head=4, n_kv_head=2, mlp_hidden=640, vocab_size=512,
+                          block_size=256)).cuda()
+    fp8.convert_to_fp8(eager)
+    other = copy.deepcopy(eager)
+    step = torch.compile(other)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, other)]
+    for s in range(4):  # across optimizer steps: the casts are refreshed, never stale
+        idx = torch.randint(0, 512, (4, 256), device="cuda")
+        fp8.refresh(other)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a, b = eager(idx, idx)[1], step(idx, idx)[1]
+        assert abs(a.item() - b.item()) < 1e-2 * a.item(), s
+        a.backward()
+        b.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
