@@ -321,6 +321,8 @@ def plot_sweep(data, path):
         for w in widths:
             mine = sorted((c for c in cells if c["parameterization"] == name and c["width"] == w),
                           key=lambda c: c["lr"])
+            if not mine:  # a sweep cut short
+                continue
             ok = [c for c in mine if math.isfinite(c["mean"])]
             x = np.log2([c["lr"] for c in ok])
             y = np.array([c["mean"] for c in ok])
@@ -336,10 +338,10 @@ def plot_sweep(data, path):
             if (name, w) in best:
                 b = next(c for c in ok if c["lr"] == best[(name, w)])
                 ax.plot(math.log2(b["lr"]), b["mean"], "*", color=colors[w], ms=20, mec="black", mew=1, zorder=5)
-                moves.append(best[(name, w)])
+                moves.append((w, best[(name, w)]))
         ax.set_title(f"{name} ({'train.py --mup=1' if name == 'muP' else 'standard: train.py --mup=0'})\n"
-                     f"best LR by width {widths[0]}..{widths[-1]}: " + ", ".join(f"{lr:g}" for lr in moves),
-                     fontsize=11)
+                     f"best LR at width {', '.join(str(w) for w, _ in moves)}: "
+                     + ", ".join(f"{lr:g}" for _, lr in moves), fontsize=11)
         ax.set_xticks(np.log2(lrs))
         ax.set_xticklabels([f"{math.log2(lr):.1f}\n({lr:g})" for lr in lrs])
         ax.set_xlabel("log2 learning rate  (eta: embedding LR; hidden LR = eta/m under muP)")

@@ -218,3 +218,16 @@ def test_resume_adds_a_seed_to_some_widths_and_keeps_the_rest(monkeypatch, tmp_p
     assert data["info"]["complete"] and len(data["history"]) == 1
     with pytest.raises(SystemExit, match="other --train_args"):
         mup_sweep.main(["--widths=64", "--seeds=3", f"--out={out}", "--resume", "--train_args=--max_iters=5"])
+
+
+def test_a_sweep_cut_short_still_prints_and_draws(quick, tmp_path):
+    data = dict(quick[0])
+    data["runs"] = [r for r in data["runs"] if not (r["parameterization"] == "SP" and r["width"] == 64)]
+    cells, best = mup_sweep.summarize(data["runs"])
+    data.update(cells=cells, best_lr=[dict(parameterization=n, width=w, lr=lr) for (n, w), lr in best.items()])
+    path = str(tmp_path / "short.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    printed = capture(lambda: mup_sweep.main([f"--plot_only={path}"]))
+    assert "| 64 | not run | not run |" in printed
+    assert os.path.exists(str(tmp_path / "short.png")) == HAVE_MPL
