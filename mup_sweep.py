@@ -127,7 +127,7 @@ def spread_note(cells):
 def table(cells, best, name):
     """One parameterization's results as a markdown table: mean over seeds (+- spread), best LR in bold."""
     mine = [c for c in cells if c["parameterization"] == name]
-    lrs, widths = sorted({c["lr"] for c in mine}), sorted({c["width"] for c in mine})
+    lrs, widths = sorted({c["lr"] for c in cells}), sorted({c["width"] for c in cells})  # the whole grid
     at = {(c["width"], c["lr"]): c for c in mine}
     lines = [f"| {name}, width | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
     for w in widths:
