@@ -60,6 +60,9 @@ TRAIN_PRESETS = {
                        ckpt_interval=2000, log_interval=1, sample_len=0),
 }
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
+# the recipe's long-context phase (RECIPE.md section 3): after the decay, 8k then 16k context, LR linear from
+# 1.04e-4 (where the decay ended: the 1.3B hidden peak 1.667e-3 / 16) to 1e-5
+LONG_CONTEXT_LR_DROP = 1e-5 / 1.04e-4
 DECAY_SHAPES = {
     "exponential": lambda t: 2 * 0.5 ** t - 1,  # the released decay scripts: 1 -> 0
     "minicpm": lambda t: 0.5 ** t,              # MiniCPM's original WSD: 1 -> 0.5
@@ -129,6 +132,17 @@ def get_parser():
          + per_preset("batch_size"))
     flag(g, "batch_double_step", type=int, default=None, range=ge0,
          help="step from which the batch doubles, 0 = never; " + per_preset("batch_double_step"))
+    flag(g, "long_context", default="", metavar="SEQ:STEPS[,SEQ:STEPS]",
+         help="the recipe's fourth phase, after --max_iters: STEPS more steps at SEQ tokens a sequence (the same "
+              "tokens per micro-batch: fewer sequences), e.g. 8192:5000,16384:5000; LR linear from the decay's end "
+              "to --long_context_lr_end; continues a decay checkpoint at a longer context with --resume=PATH")
+    flag(g, "long_context_lr_end", type=float, default=None, range=Range(0, 1),
+         help="LR at the end of the long-context phase / peak; default min_lr_ratio * 1e-5/1.04e-4 (the recipe's)")
+    flag(g, "switch_warmup", type=int, default=0, range=ge0,
+         help="steps of linear LR re-warmup after the AdamW -> Muon switch (Muon's momentum starts at zero), 0 = none")
+    flag(g, "stop_after", type=int, default=None, range=ge1,
+         help="stop (with a checkpoint) after this many steps; the schedule still follows --max_iters: e.g. at the "
+              "decay start, to branch several decays from one stable phase")
 
     g = p.add_argument_group("FP8 (fp8.py; RECIPE.md section 5)")
     flag(g, "fp8", type=str2bool, nargs="?", const=True, default=False,
@@ -177,6 +191,14 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_iters <= decay_start(args):
         raise SystemExit(f"train.py: error: warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not "
                          f"fit in --max_iters={args.max_iters}")
+    try:
+        args.long_context = [tuple(int(v) for v in p.split(":")) for p in args.long_context.split(",") if p]
+        assert all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in args.long_context)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"train.py: error: --long_context={args.long_context}: expected SEQ:STEPS[,SEQ:STEPS], "
+                         f"positive integers, e.g. 8192:5000,16384:5000") from None
+    if args.long_context_lr_end is None:
+        args.long_context_lr_end = args.min_lr_ratio * LONG_CONTEXT_LR_DROP
     return args
 
 # -----------------------------------------------------------------------------
@@ -184,30 +206,71 @@ def parse_args(argv=None):
 
 
 def decay_start(args):
-    return args.max_iters - args.decay_iters  # the decay window is the run's last decay_iters steps
+    return args.max_iters - args.decay_iters  # the decay window is the main run's last decay_iters steps
+
+
+def total_iters(args):
+    return args.max_iters + sum(steps for _, steps in args.long_context)  # the long-context phase comes after
 
 
 def lr_mult(step, args):
-    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, then decay to min_lr_ratio."""
+    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, decay to min_lr_ratio, then (long
+    context) linear to long_context_lr_end; with --switch_warmup, a linear re-warmup after the switch to Muon."""
     if step < args.warmup_iters:
         return (step + 1) / args.warmup_iters
     if step < decay_start(args):
         return 1.0
+    if step >= args.max_iters:  # the long-context phase
+        t = (step - args.max_iters + 1) / (total_iters(args) - args.max_iters)
+        return args.min_lr_ratio + t * (args.long_context_lr_end - args.min_lr_ratio)
     t = (step - decay_start(args) + 1) / args.decay_iters  # reaches 1 on the last step
-    return args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
+    mult = args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
+    since_switch = step - decay_start(args)
+    if args.muon_at_decay and since_switch < args.switch_warmup:
+        mult *= (since_switch + 1) / (args.switch_warmup + 1)
+    return mult
 
 
 def phase(step, args):
     if step < args.warmup_iters:
         return "warmup"
+    if step >= args.max_iters:
+        return "long_context"
     if step >= decay_start(args):
         return "decay"
     return "stable2" if 0 < args.batch_double_step <= step else "stable"
 
 
+def long_context_starts(args):
+    """The first step of each long-context sub-phase."""
+    starts = [args.max_iters]
+    for _, steps in args.long_context:
+        starts.append(starts[-1] + steps)
+    return starts[:-1]
+
+
+def seq_len(step, args):
+    """Tokens a sequence at `step`: --block_size, or in the long-context phase its sub-phase's."""
+    end = args.max_iters
+    for seq, steps in args.long_context:
+        end += steps
+        if args.max_iters <= step < end:
+            return seq
+    return args.block_size
+
+
+def micro_batch(step, args):
+    """Sequences per micro-step: batch_size at block_size; at a longer context, as many tokens in fewer sequences."""
+    seq = seq_len(step, args)
+    if (args.batch_size * args.block_size) % seq:
+        raise SystemExit(f"train.py: error: a micro-batch of batch_size*block_size = {args.batch_size}*"
+                         f"{args.block_size} tokens is not a whole number of {seq}-token sequences (--long_context)")
+    return args.batch_size * args.block_size // seq
+
+
 def grad_accum_steps(step, args, world_size):
     total = args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1)
-    per_micro = args.batch_size * args.block_size * world_size
+    per_micro = args.batch_size * args.block_size * world_size  # (the same tokens at a longer context)
     if total % per_micro:
         raise SystemExit(f"train.py: error: a step of {total} tokens is not a whole number of micro-batches of "
                          f"batch_size*block_size*world_size = {args.batch_size}*{args.block_size}*{world_size} = "
@@ -226,20 +289,22 @@ def optimizer_kind(step, args):
 
 
 def print_schedule(args, groups, world_size):
-    start = decay_start(args)
-    marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1}
+    start, end = decay_start(args), total_iters(args)
+    marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1, end - 1}
     marks |= {start + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
     if args.batch_double_step > 0:
         marks |= {args.batch_double_step - 1, args.batch_double_step}
+    for first in long_context_starts(args):  # each long-context sub-phase's first step, and the one before
+        marks |= {first - 1, first}
     print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
-          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9}")
-    for s in sorted(m for m in marks if 0 <= m < args.max_iters):
+          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6}")
+    for s in sorted(m for m in marks if 0 <= m < end):
         mult = lr_mult(s, args)
         accum = grad_accum_steps(s, args, world_size)
         print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
               + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
               + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}"
-              + f" {optimizer_kind(s, args):>9}")
+              + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6}")
 
 # -----------------------------------------------------------------------------
 # checkpoints: everything needed to continue bit-for-bit, written atomically
@@ -257,7 +322,7 @@ def list_ckpts(out_dir):
     return sorted(found)
 
 
-def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
+def save_ckpt(state, out_dir, keep, protected_steps=(), replaced=()):
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     size = sum(t.numel() * t.element_size() for t in tensors_of(state))
     with atomic_write(path, size_hint=size) as f:  # a kill or a full disk leaves the old checkpoints as they were
@@ -266,7 +331,7 @@ def save_ckpt(state, out_dir, keep, protected_step, replaced=()):
         if old != path and os.path.exists(old):
             os.remove(old)
     for step, old in list_ckpts(out_dir)[:-keep]:
-        if step != protected_step:
+        if step not in protected_steps:
             os.remove(old)
     return path
 
@@ -311,7 +376,9 @@ def stop_diverged(step, problem, last_saved, out_dir):
                      f"try a lower --lr or --grad_clip")
 
 
-def load_ckpt(path, config, tokenizer):
+def load_ckpt(path, config, tokenizer, longer_context=False):
+    """A checkpoint of this model config and tokenizer; longer_context: the long-context phase may continue one
+    of a shorter block_size (the weights do not depend on it; the RoPE tables are rebuilt)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # 8 ranks, one copy in RAM
         assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION
@@ -319,7 +386,9 @@ def load_ckpt(path, config, tokenizer):
         raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
                          f"from this version of train.py; resume from an older ckpt_*.pt with --resume=PATH")
     diff = [f"{k}: checkpoint {v!r}, now {getattr(config, k)!r}" for k, v in ckpt["model_config"].items()
-            if getattr(config, k) != v]
+            if getattr(config, k) != v and not (k == "block_size" and longer_context and v < config.block_size)]
+    if any(d.startswith("block_size") for d in diff) and not longer_context:
+        diff.append("a longer block_size continues a checkpoint only in the long-context phase: --long_context")
     if ckpt["tokenizer"] != tokenizer:
         diff.append(f"tokenizer: checkpoint {ckpt['tokenizer']!r}, data {tokenizer!r}")
     if diff:
@@ -508,9 +577,12 @@ def train(args):
     if config.vocab_size < meta["vocab_size"]:
         raise SystemExit(f"train.py: error: --vocab_size={config.vocab_size} is smaller than the data's tokenizer "
                          f"({meta['tokenizer']}: {meta['vocab_size']})")
-    args.block_size = config.block_size
+    args.block_size = config.block_size  # the sequence length of warmup, stable and decay
+    if args.long_context:  # the model's RoPE tables cover the longest sequence to come
+        config = replace(config, block_size=max(args.block_size, *(seq for seq, _ in args.long_context)))
     for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
-        loader.check_fits(args.batch_size, args.block_size)
+        for step in [0, *long_context_starts(args)]:
+            loader.check_fits(micro_batch(step, args), seq_len(step, args))
     torch.manual_seed(args.seed)
     if args.init_from and not args.resume:  # (a resumed run's checkpoint has newer weights)
         import hf
@@ -549,7 +621,7 @@ def resume_checkpoint(args, ckpts, config, meta, world_size, log):
     if path is None or not os.path.exists(path):
         raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
                          f"drop --resume to start a new run")
-    ckpt = load_ckpt(path, config, meta["tokenizer"])
+    ckpt = load_ckpt(path, config, meta["tokenizer"], longer_context=bool(args.long_context))
     later = [s for s, _ in ckpts if s > ckpt["step"]]
     if later and not args.overwrite:
         raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
@@ -577,7 +649,10 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
             opt_kind = ckpt["optimizer_name"]
             optimizer = build_optimizer(model, args, device, opt_kind)
         optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["train_loader"])
+        if args.long_context and ckpt["args"].get("data_dir") != args.data_dir:  # e.g. long documents
+            log(f"the long-context phase reads {args.data_dir} from its start")
+        else:
+            train_loader.load_state_dict(ckpt["train_loader"])
         set_rng_state(ckpt["rng"])
         start_step, best_val = ckpt["step"], ckpt["best_val"]
         tokens_seen = ckpt.get("tokens_seen", sum(step_tokens(s, args, world_size) for s in range(start_step)))
@@ -587,19 +662,20 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
                          f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
     stale = [p for s, p in ckpts if s > start_step] if args.overwrite else []
 
-    decay_at = decay_start(args)
+    decay_at, end = decay_start(args), min(total_iters(args), args.stop_after or math.inf)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if master:
         write_json(os.path.join(args.out_dir, "config.json"), {"args": vars(args), "model": asdict(config)}, indent=1)
         # keep the log consistent with the checkpoint: drop entries the resumed run will write again; atomically,
         # so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, is dropped)
-        if start_step < args.max_iters:  # (a finished run's log stays as it is)
+        if start_step < end:  # (a finished run's log stays as it is)
             entries, torn = read_jsonl(log_path) if start_step > 0 else ([], 0)
             rewrite_jsonl(log_path, [e for e in entries if e.get("step", math.inf) < start_step])
             if torn:
                 log(f"{log_path}: dropped {torn} unreadable line(s), a write torn by a crash")
         else:
-            log(f"the run already reached --max_iters={args.max_iters}; raise it to train further")
+            log(f"the run already reached step {end}; raise --max_iters (or --stop_after, --long_context) to train "
+                f"further")
 
     raw_model = ddp_model = model
     if ddp:
@@ -624,9 +700,10 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
         model.train()
         return all_mean(total / len(batches)).item()
 
-    def evaluate():
+    def evaluate(step):  # at the step's sequence length
         val_loader.reset()
-        return loss_of([val_loader.next_batch(args.batch_size, args.block_size) for _ in range(args.eval_iters)])
+        return loss_of([val_loader.next_batch(micro_batch(step, args), seq_len(step, args))
+                        for _ in range(args.eval_iters)])
 
     def write_log(entry):
         if master:
@@ -651,7 +728,9 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
                          tokens_seen=tokens_seen, world_size=world_size,
                          fp8=fp8.fp8_state_dict(raw_model) if args.fp8 else None)
             try:
-                log(f"saved {save_ckpt(state, args.out_dir, args.keep_ckpts, decay_at, replaced=stale)}")
+                # kept whatever --keep_ckpts says: the decay's start (where ablations branch) and end (where the
+                # long-context phase does)
+                log(f"saved {save_ckpt(state, args.out_dir, args.keep_ckpts, (decay_at, args.max_iters), stale)}")
                 stale.clear()
             except WriteError as e:
                 error = f"{e}; the earlier checkpoints are intact: free some space, then --resume"
@@ -661,7 +740,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
     last_saved = start_step if args.resume else None
     val_loss = None
     with StopRequest() as stop:
-        for step in range(start_step, args.max_iters):
+        for step in range(start_step, end):
             if args.fp8:  # the step's FP8 weight casts, shared by its micro-batches (and eval)
                 fp8.refresh(raw_model)
             if step == args.batch_double_step and step > 0:
@@ -669,6 +748,9 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
                     f"section 3)")
             if step == decay_at:
                 log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+            if step in long_context_starts(args):
+                log(f"step {step}: long-context phase: {seq_len(step, args)} tokens a sequence, "
+                    f"{micro_batch(step, args)} sequences a micro-step (RECIPE.md section 3)")
             if optimizer_kind(step, args) != opt_kind:
                 # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
                 # Muon momentum starts at zero; only the weights carry over
@@ -677,10 +759,10 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
                 opt_kind = optimizer_kind(step, args)
                 optimizer = build_optimizer(raw_model, args, device, opt_kind)
             if args.eval_interval and step % args.eval_interval == 0:
-                val_loss = evaluate()
+                val_loss = evaluate(step)
                 best_val = val_loss if best_val is None else min(best_val, val_loss)
                 log(f"step {step}: val loss {val_loss:.4f}")
-                write_log(dict(step=step, val_loss=val_loss, tokens=tokens_seen))
+                write_log(dict(step=step, val_loss=val_loss, tokens=tokens_seen, seq_len=seq_len(step, args)))
 
             t0 = time.perf_counter()
             lr = args.lr * lr_mult(step, args)
@@ -688,7 +770,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
             accum = grad_accum_steps(step, args, world_size)
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = train_loader.next_batch(args.batch_size, args.block_size)
+                x, y = train_loader.next_batch(micro_batch(step, args), seq_len(step, args))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
                 with (nullcontext() if sync else ddp_model.no_sync()), autocast:
@@ -710,17 +792,17 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
 
             tokens = step_tokens(step, args, world_size)
             tokens_seen += tokens
-            mfu = raw_model.estimate_mfu(tokens / dt / world_size, args.block_size, device)
+            mfu = raw_model.estimate_mfu(tokens / dt / world_size, seq_len(step, args), device)
             write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens / dt, mfu=mfu,
                            phase=phase(step, args), optimizer=opt_kind, tokens=tokens_seen,
-                           seq_len=args.block_size))
-            if step % args.log_interval == 0 or step == args.max_iters - 1:
-                log(f"step {step:>6}/{args.max_iters} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
+                           seq_len=seq_len(step, args)))
+            if step % args.log_interval == 0 or step == end - 1:
+                log(f"step {step:>6}/{end} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
                     f"{tokens / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
                     + f" | {1000 * dt:.0f} ms")
             done = step + 1
-            if stopping or done in (args.max_iters, decay_at) or (args.ckpt_interval and done % args.ckpt_interval
-                                                                  == 0):
+            if stopping or done in (args.max_iters, decay_at, end, *long_context_starts(args)) or (
+                    args.ckpt_interval and done % args.ckpt_interval == 0):
                 checkpoint(done, (x, y))
                 last_saved = done
             if stopping:  # (the checkpoint above was saved, or the run stopped as diverged)
@@ -728,11 +810,11 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
                     f"step {done}: --resume continues from it")
                 raise SystemExit(128 + (stop.signal or signal.SIGINT))
 
-    if start_step < args.max_iters:
-        val_loss = evaluate()
+    if start_step < end:
+        val_loss = evaluate(end - 1)
         best_val = val_loss if best_val is None else min(best_val, val_loss)
-        log(f"step {args.max_iters}: val loss {val_loss:.4f} (best {best_val:.4f})")
-        write_log(dict(step=args.max_iters, val_loss=val_loss, tokens=tokens_seen))
+        log(f"step {end}: val loss {val_loss:.4f} (best {best_val:.4f})")
+        write_log(dict(step=end, val_loss=val_loss, tokens=tokens_seen, seq_len=seq_len(end - 1, args)))
     if master and args.sample_len > 0:
         tok = prepare_data.get_tokenizer(meta["tokenizer"])
         raw_model.eval()

@@ -761,3 +761,61 @@ def test_short_run_learns(data_dir, tmp_path):
     unigram = -np.log(p[targets]).mean()
     assert vals[100] < unigram < vals[0]
     assert vals[100] < 0.5 * vals[0]
+
+
+# -----------------------------------------------------------------------------
+# the recipe's fourth phase (long context), the switch's re-warmup, --stop_after
+
+def test_long_context_continues_a_decay_checkpoint_and_learns_the_longer_context(data_dir, tmp_path):
+    base = tmp_path / "base"
+    run(data_dir, base, *REF, "--eval_interval=0")  # block_size 32 through warmup, stable, decay: step 12
+    lc = tmp_path / "lc"
+    flags = [*REF, "--eval_interval=4", f"--resume={ckpt_path(base, 12)}", "--long_context=64:8,128:4"]
+    run(data_dir, lc, *flags)
+    steps, vals = read_log(lc)
+    assert sorted(steps) == list(range(12, 24)) and all(steps[s]["phase"] == "long_context" for s in steps)
+    assert [steps[s]["seq_len"] for s in sorted(steps)] == [64] * 8 + [128] * 4
+    # the same tokens a step (half the sequences, twice as long), the LR linear from the decay's end
+    assert all(steps[s]["tokens"] - steps[s - 1]["tokens"] == 256 for s in range(13, 24))
+    end = 1 / 16 * train.LONG_CONTEXT_LR_DROP
+    for s in range(12, 24):
+        assert steps[s]["lr"] == pytest.approx(0.01 * (1 / 16 + (s - 11) / 12 * (end - 1 / 16)))
+    # at the longer context the continued model is better than the decay checkpoint it started from
+    entries = [json.loads(line) for line in open(lc / "log.jsonl") if "val_loss" in line]
+    at_64 = [e["val_loss"] for e in entries if e["seq_len"] == 64]
+    assert at_64[0] == vals[12] and at_64[-1] < at_64[0] - 0.05, at_64
+    ckpt = load(ckpt_path(lc, 24))
+    assert ckpt["model_config"]["block_size"] == 128 and ckpt["step"] == 24
+    assert os.path.exists(ckpt_path(lc, 20))  # the end of the 64-token sub-phase
+
+
+def test_a_longer_block_size_is_refused_outside_the_long_context_phase(ref_run, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="block_size: checkpoint 32, now 64.*only in the long-context phase: "
+                                         "--long_context"):
+        train.main([*TINY, "--block_size=64", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *REF,
+                    f"--resume={ckpt_path(ref_run[0], 12)}"])
+
+
+def test_bad_long_context_values_are_one_line():
+    for bad in ("512", "512:0", "a:b", "512:10:3", "-512:10"):
+        with pytest.raises(SystemExit, match="expected SEQ:STEPS"):
+            train.parse_args([f"--long_context={bad}"])
+
+
+@pytest.mark.parametrize("muon_at_decay", [True, False])
+def test_switch_warmup_rewarms_the_lr_after_the_switch_only(muon_at_decay):
+    args = train.parse_args(["--max_iters=40", "--warmup_iters=4", "--decay_iters=12", "--switch_warmup=3",
+                             *(["--muon_at_decay"] if muon_at_decay else [])])
+    for s in range(40):
+        ref = ref_lr_mult(s, 40, 4, 12, "exponential", 1 / 16)
+        if muon_at_decay and 28 <= s < 31:
+            ref *= (s - 28 + 1) / 4  # 1/4, 2/4, 3/4 of the scheduled LR, then the schedule
+        assert train.lr_mult(s, args) == pytest.approx(ref), s
+
+
+def test_stop_after_leaves_the_decay_start_to_branch_from(ref_run, data_dir, tmp_path):
+    base = tmp_path / "base"
+    run(data_dir, base, *REF, "--stop_after=8")  # stop where the decay starts (max_iters 12, decay 4)
+    assert ckpt_steps(base) == [3, 6, 8] and max(read_log(base)[0]) == 7
+    run(data_dir, tmp_path / "arm", *REF, f"--resume={ckpt_path(base, 8)}")  # the branch: same as not stopping
+    assert_same_tree(load(ckpt_path(ref_run[0], 12))["model"], load(ckpt_path(tmp_path / "arm", 12))["model"])
