@@ -1,0 +1,90 @@
+"""ablation.py --quick: the paper's design (one stable phase per seed, each arm's decay branched from its
+checkpoint), statistics computed from the runs themselves, the outputs written."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ablation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    import prepare_data
+    data = str(out / "data")
+    prepare_data.prepare(["embedded"], "byte", data, max_tokens=100_000)
+    train_args = ablation.QUICK_TRAIN_ARGS + f" --data_dir={data}"
+    results, summary = ablation.main(["--quick", f"--out={out}", f"--train_args={train_args}", "--arms=adamw,muon",
+                                      "--seeds=3,4,5"])
+    return out, results, summary
+
+
+def log(d):
+    with open(os.path.join(d, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_outputs_exist(quick):
+    out, _, _ = quick
+    for f in ("results.json", "decay.png", "differences.png"):
+        assert os.path.getsize(out / f) > 0, f
+    assert open(out / "decay.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_arm_branches_from_its_own_seeds_stable_phase(quick):
+    out, results, _ = quick
+    decay_at = json.load(open(out / "results.json"))["decay_start"]
+    for seed in (3, 4, 5):
+        arms = {a: log(out / f"seed{seed}" / a) for a in ("adamw", "muon")}
+        for arm, entries in arms.items():
+            cfg = json.load(open(out / f"seed{seed}" / arm / "config.json"))["args"]
+            assert cfg["resume"] == str(out / f"seed{seed}" / "base" / f"ckpt_{decay_at:07d}.pt")
+            steps = [e for e in entries if "loss" in e]
+            assert steps[0]["step"] == decay_at  # the arm is the decay only
+            assert {e["optimizer"] for e in steps} == {"muon" if arm == "muon" else "adamw"}  # not swapped
+        # the same weights and the same batch at the branch: the first decay step's loss is identical
+        first = [next(e["loss"] for e in arms[a] if "loss" in e) for a in ("adamw", "muon")]
+        assert first[0] == first[1]
+    # and different seeds really differ
+    firsts = {s: next(e["loss"] for e in log(out / f"seed{s}" / "adamw") if "loss" in e) for s in (3, 4, 5)}
+    assert len(set(firsts.values())) == 3
+
+
+def test_statistics_are_computed_from_the_runs(quick):
+    out, results, summary = quick
+    diffs = []
+    for seed in (3, 4, 5):
+        final = {a: [e["val_loss"] for e in log(out / f"seed{seed}" / a) if "val_loss" in e][-1]
+                 for a in ("adamw", "muon")}
+        bpb = {a: json.load(open(out / f"seed{seed}" / a / "eval.json"))["results"]["val"]["metrics"]["bits_per_byte"]
+               for a in ("adamw", "muon")}
+        assert results[seed]["muon"]["val_loss"] == final["muon"] and results[seed]["adamw"]["bits_per_byte"] == \
+            bpb["adamw"]
+        diffs.append(final["muon"] - final["adamw"])  # arm - control, seed by seed
+    p = summary["muon"]["paired"]["val_loss"]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert p["mean"] == pytest.approx(mean) and p["std"] == pytest.approx(std)
+    assert p["ci95"] == pytest.approx([mean - 4.303 * std / math.sqrt(3), mean + 4.303 * std / math.sqrt(3)], rel=1e-3)
+    saved = json.load(open(out / "results.json"))
+    assert saved["summary"]["muon"]["paired"]["val_loss"]["mean"] == pytest.approx(mean)
+    assert "paired" not in summary["adamw"]  # the control is not compared with itself
+
+
+def test_paired_statistics():
+    p = ablation.paired([1.0, 2.0, 3.0])
+    assert (p["mean"], p["std"]) == (2.0, 1.0) and p["ci95"] == pytest.approx([2 - 2.4844, 2 + 2.4844], abs=1e-4)
+    assert p["excludes_zero"] is False
+    assert ablation.paired([-0.10, -0.12, -0.11, -0.09, -0.13])["excludes_zero"] is True
+    assert ablation.paired([0.5])["ci95"] is None  # one seed: no interval
+
+
+def test_an_unknown_arm_is_one_line():
+    r = subprocess.run([sys.executable, "ablation.py", "--arms=adamw,sgd"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown arm(s) sgd" in r.stderr and "Traceback" not in r.stderr
