@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -677,7 +678,9 @@ def markdown(report):
 
 
 def run_sections(args, device, dtype, rows, budget_end=None, skipped=None):
-    """Every section asked for, at every shape; with a budget, in order, skipping what would not fit."""
+    """Every section asked for, at every shape. For --report (a budget): in order, skipping what would not fit,
+    and a section that fails is a row saying how, not the end of the report."""
+    report_mode = budget_end is not None
     sections = args.only.split(",")
     shapes = [int(n) for n in args.layers.split(",") if n] or [None]
     configs = [shape_config(args, n) for n in shapes]
@@ -698,7 +701,17 @@ def run_sections(args, device, dtype, rows, budget_end=None, skipped=None):
             skipped.append(name)
             print(f"\n== {name}: skipped, it would not fit the time budget ==")
             continue
-        call()
+        try:
+            call()
+        except Exception as e:  # one section's failure (an optional package's version, say) costs only its rows
+            if not report_mode:
+                raise
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            line = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({where.filename}:" \
+                   f"{where.lineno})"
+            print(f"\n== {name}: {line} ==")
+            rows.add(name, "", "error", note=line)
+            fresh(device)
 
 
 def report(args, device, dtype):
