@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate
 import fp8
@@ -131,6 +132,22 @@ def torchao_convert(model):
     from torchao.float8 import convert_to_float8_training
     convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn.startswith("blocks.") and isinstance(
         m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most bytes any single tensor produced by an op took while this mode was on: what a head holds at its
+    peak, measured the same on a CPU and a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel() * o.element_size())
+        return out
 
 
 def missing(module):
@@ -388,9 +405,12 @@ def head_alone(rows, args, device, dtype, config):
                 raise
             rows.add("head", shape, label, note="out of memory")
             continue
+        with LargestTensor() as biggest:
+            step()
         with autocast(device, dtype):
             results[label] = loss_fn().item()
-        rows.add("head", shape, label, ms, N, device=device, note=f"loss {results[label]:.4f}")
+        rows.add("head", shape, label, ms, N, device=device, largest_mib=biggest.largest / 2**20,
+                 note=f"largest tensor {biggest.largest / 2**20:,.0f} MiB; loss {results[label]:.4f}")
     if why:
         rows.add("head", shape, "Liger fused linear cross-entropy", note=f"skipped: {why}")
     ref = results.get("plain logits + F.cross_entropy")

@@ -288,6 +288,19 @@ def optimizer_kind(step, args):
     return "adamw"
 
 
+def milestones(step, args):
+    """What the schedule changes at `step`, in words for the log."""
+    said = []
+    if step == args.batch_double_step and step > 0:
+        said.append(f"batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
+    if step == decay_start(args):
+        said.append(f"decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+    if step in long_context_starts(args):
+        said.append(f"long-context phase: {seq_len(step, args)} tokens a sequence, {micro_batch(step, args)} "
+                    f"sequences a micro-step (RECIPE.md section 3)")
+    return said
+
+
 def print_schedule(args, groups, world_size):
     start, end = decay_start(args), total_iters(args)
     marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1, end - 1}
@@ -743,14 +756,8 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
         for step in range(start_step, end):
             if args.fp8:  # the step's FP8 weight casts, shared by its micro-batches (and eval)
                 fp8.refresh(raw_model)
-            if step == args.batch_double_step and step > 0:
-                log(f"step {step}: batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md "
-                    f"section 3)")
-            if step == decay_at:
-                log(f"step {step}: decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
-            if step in long_context_starts(args):
-                log(f"step {step}: long-context phase: {seq_len(step, args)} tokens a sequence, "
-                    f"{micro_batch(step, args)} sequences a micro-step (RECIPE.md section 3)")
+            for change in milestones(step, args):
+                log(f"step {step}: {change}")
             if optimizer_kind(step, args) != opt_kind:
                 # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
                 # Muon momentum starts at zero; only the weights carry over
