@@ -6,13 +6,15 @@ One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs an
     python train.py                                    # CPU: small model on the embedded corpus, ~2 min
     python train.py --dry_run                          # print the resolved config and the LR schedule, train nothing
     python train.py --preset=nano --data_dir=data/X    # the 20M muP proxy on one GPU
+    python train.py --resume=out/ckpt_0000360.pt --out_dir=out-long --long_context=512:80   # the long-context phase
     torchrun --standalone --nproc_per_node=8 train.py --preset=xmodel-2.5 --data_dir=data/X
     # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
     #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X
 
-Every hyperparameter is a --name=value flag (python train.py --help lists them). --preset picks the model
-shape and a matching schedule; any flag overrides it. Checkpoints land in --out_dir; --resume continues
-a run exactly where it stopped.
+Every hyperparameter is a --name=value flag (python train.py --help lists them with their allowed ranges).
+--preset picks the model shape and a matching schedule; any flag overrides it. Checkpoints land in --out_dir;
+--resume continues a run exactly where it stopped. A run locks its --out_dir, writes every file atomically,
+saves only checkpoints that can resume (see diverged), and on Ctrl-C or SIGTERM saves one and says how to go on.
 """
 
 import argparse
@@ -168,7 +170,7 @@ def get_parser():
          help="steps between log lines; " + per_preset("log_interval"))
     flag(g, "ckpt_interval", type=int, default=None, range=ge0, help=per_preset("ckpt_interval"))
     flag(g, "keep_ckpts", type=int, default=3, range=ge0,
-         help="newest checkpoints kept, 0 = all (the one at decay start always stays)")
+         help="newest checkpoints kept, 0 = all (the ones at the decay's start and end always stay)")
     flag(g, "resume", nargs="?", const="auto", default="", help="continue the newest checkpoint in --out_dir, "
          "or --resume=PATH for a given one")
     flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
