@@ -492,7 +492,8 @@ def bench_fp8(rows, args, device, dtype):
             total[v] += ms
             rows.add("fp8", f"{k}x{n}", v, ms, kernels=kernel_count(step, device))
     for v, t in total.items():
-        rows.add("fp8", "all four", v, t, note=f"the speed of {base}" if v != base else "", ratio=total[base] / t)
+        rows.add("fp8", "all four", v, t, note=f"{total[base] / t:.2f}x the speed of {base}" if v != base else "",
+                 ratio=total[base] / t)
     if why:
         rows.add("fp8", "", "torchao fp8 (tensorwise)", note=f"skipped: {why}")
 
