@@ -32,12 +32,7 @@ LONG = ["--max_iters=600", "--warmup_iters=10", "--decay_iters=100", "--eval_int
         "--keep_ckpts=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ from model import GPT, GPTConfig  # noqa: E402
 FWD_BOUND, GRAD_BOUND, FP8_FLOOR = 0.077, 0.12, 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: the thread pool costs more than the work
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def rel_err(a, ref):

@@ -49,13 +49,7 @@ def loss_grads(model, seed):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: one thread is as fast, and spares OpenMP's spin-waits on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def set_lrs(opt, eta):

@@ -30,13 +30,7 @@ REF = ["--max_iters=12", "--warmup_iters=2", "--decay_iters=4", "--eval_interval
        "--keep_ckpts=10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls on 2 cores: the thread pool's overhead is 50x the work (and runs A and B must match anyway)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
