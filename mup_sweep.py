@@ -11,8 +11,8 @@ mup_sweep.py: does the learning rate transfer across width? The evidence for muP
    the lines are flat; under SP they climb. tests/test_model.py::test_coordinate_check asserts the slopes of
    the same measurement (coordinate_sizes below).
 
-    python mup_sweep.py --threads=1                  # CPU: widths 64-512, 6 LRs, seed 1: ~100 min on 2 busy cores
-    python mup_sweep.py --threads=1 --seeds=2 --widths=64,128,256 --resume    # + a second seed where it is cheap
+    python mup_sweep.py --threads=1                  # CPU: widths 64-512, 6 LRs, seed 1: ~1 h on 2 shared cores
+    python mup_sweep.py --threads=1 --seeds=2 --resume    # + a second seed for error bars: ~1 h more
     python mup_sweep.py --coord                      # the coordinate check, a few minutes on a CPU
     python mup_sweep.py --plot_only=figures/mup_sweep.json      # redraw a figure from its JSON
     python mup_sweep.py --quick                      # a tiny sweep for a test, well under a minute
