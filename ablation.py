@@ -8,7 +8,9 @@ checkpoint), then runs the decay from that one checkpoint once per arm, each int
 weights, the same data order (the loader's position travels in the checkpoint), only the arm's flags differ.
 Each arm's final checkpoint is scored by evaluate.py --val (loss and bits per byte on the held-out split), and
 each arm is compared with the control seed by seed: the paired difference (arm - control), its mean, standard
-deviation and 95% t-interval, and whether that interval excludes zero.
+deviation and 95% t-interval, and whether that interval excludes zero. Right after the switch the arms see the
+same batches, so their training losses there compare step by step: a spike from Muon's zero momentum would show
+as a positive difference over the first decay steps.
 
     python ablation.py                       # CPU: the cpu preset, 5 seeds, arms adamw, muon, muon_rewarm
     python ablation.py --arms=adamw,muon,muon_spectral,muon_polar,muon_split --seeds=1,2,3
@@ -43,7 +45,7 @@ from safeio import make_dir, write_json
 ARMS = {
     "adamw": [],                                                   # the control: AdamW through the decay
     "muon": ["--muon_at_decay"],                                   # the recipe's switch (RECIPE.md section 4)
-    "muon_rewarm": ["--muon_at_decay", "--switch_warmup={rewarm}"],  # eases the switch's spike: LR re-warmup
+    "muon_rewarm": ["--muon_at_decay", "--switch_warmup={rewarm}"],  # to ease the switch: LR re-warmup
     "muon_spectral": ["--muon_at_decay", "--muon_scale=spectral"],   # Keller Jordan's update scale
     "muon_polar": ["--muon_at_decay", "--ns_coeffs=polar_express"],  # Polar Express coefficients
     "muon_split": ["--muon_at_decay", "--split_fused"],              # q/k/v and gate/up orthogonalised apart
@@ -97,7 +99,7 @@ def run_seed(seed, arms, args, base_argv, decay_at, end):
             branch = [f"--resume={os.path.join(base, f'ckpt_{decay_at:07d}.pt')}"] if args.branch == "decay" else []
             train_run([*base_argv, f"--seed={seed}", *branch, "--overwrite", *arm_flags(arm, args)], d)
             print(f"seed {seed} {arm}: {time.time() - t0:.0f} s", file=sys.stderr)
-        out[arm] = metrics(d, base if args.branch == "decay" else None, decay_at, args)
+        out[arm] = metrics(d, decay_at, args)
     return out
 
 
@@ -105,8 +107,12 @@ def arm_flags(arm, args):
     return [f.format(rewarm=max(1, args.decay_iters // 10)) for f in args.arm_defs[arm]]
 
 
-def metrics(arm_dir, base_dir, decay_at, args):
-    """An arm's final val loss (train.py's), evaluate.py --val's loss and bits per byte, and the switch's spike."""
+EARLY = 10  # the decay steps right after the switch whose training losses are compared (the same batches)
+
+
+def metrics(arm_dir, decay_at, args):
+    """An arm's final val loss (train.py's), evaluate.py --val's loss and bits per byte, and the training losses of
+    the first EARLY steps of the decay, where the switch's effect shows."""
     with open(os.path.join(arm_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     val = [e["val_loss"] for e in log if "val_loss" in e][-1]
@@ -114,27 +120,26 @@ def metrics(arm_dir, base_dir, decay_at, args):
         ev = evaluate.main([f"--ckpt={arm_dir}", "--val", f"--val_tokens={args.val_tokens}", f"--device={args.device}",
                             f"--out={os.path.join(arm_dir, 'eval.json')}"])["val"]["metrics"]
     losses = {e["step"]: e["loss"] for e in log if "loss" in e}
-    if base_dir:
-        with open(os.path.join(base_dir, "log.jsonl")) as f:
-            losses |= {e["step"]: e["loss"] for e in map(json.loads, f) if "loss" in e and e["step"] < decay_at}
-    before = [losses[s] for s in range(decay_at - 10, decay_at) if s in losses]
-    after = [losses[s] for s in range(decay_at, decay_at + 10) if s in losses]
     return dict(val_loss=val, eval_loss=ev["loss"], bits_per_byte=ev["bits_per_byte"],
-                spike=max(after) - statistics.fmean(before) if before and after else None)
+                early=[losses[s] for s in range(decay_at, decay_at + EARLY) if s in losses])
 
 
 def summarize(results, arms, control):
-    """Per arm: the mean of each metric, and for arms other than the control the paired differences' statistics."""
+    """Per arm: the mean of each metric; for the other arms the paired differences from the control (final val
+    loss, bits per byte, and the mean training loss of the first EARLY decay steps: the same batches in every arm,
+    so a spike at the switch shows as a positive difference) and the worst single early step."""
     seeds = sorted(results)
     summary = {}
     for arm in arms:
         s = dict(mean={m: statistics.fmean(results[k][arm][m] for k in seeds) for m in
                        ("val_loss", "eval_loss", "bits_per_byte")})
-        spikes = [results[k][arm]["spike"] for k in seeds if results[k][arm]["spike"] is not None]
-        s["mean"]["spike"] = statistics.fmean(spikes) if spikes else None
         if arm != control:
             s["paired"] = {m: paired([results[k][arm][m] - results[k][control][m] for k in seeds])
                            for m in ("val_loss", "bits_per_byte")}
+            early = [[a - c for a, c in zip(results[k][arm]["early"], results[k][control]["early"])] for k in seeds]
+            if all(early):
+                s["paired"]["early_loss"] = paired([statistics.fmean(d) for d in early])
+                s["worst_early_step"] = max(max(d) for d in early)
         summary[arm] = s
     return summary
 
@@ -145,16 +150,17 @@ def print_table(results, summary, arms, control):
     for k in sorted(results):
         print(f"{'seed ' + str(k):32s}" + "".join(f"{cell(results[k][a]):>20s}" for a in arms))
     print(f"{'mean':32s}" + "".join(f"{cell(summary[a]['mean']):>20s}" for a in arms))
-    spikes = [summary[a]["mean"]["spike"] for a in arms]
-    print(f"{'loss rise after the decay start':32s}" + "".join(f"{v:>20.3f}" if v is not None else f"{'-':>20s}"
-                                                              for v in spikes))
+    worst = [summary[a].get("worst_early_step") for a in arms]
+    print(f"{'worst early step vs ' + control:32s}" + "".join(f"{v:>+20.3f}" if v is not None else f"{'-':>20s}"
+                                                             for v in worst))
     for a in arms:
         for m, p in summary[a].get("paired", {}).items():
             if p["std"] is None:
                 print(f"{a} - {control}, {m}: {p['mean']:+.4f} (one seed: no interval)")
                 continue
             verdict = "excludes zero" if p["excludes_zero"] else "includes zero: no difference shown"
-            print(f"{a} - {control}, {m}: mean {p['mean']:+.4f}, std {p['std']:.4f}, 95% interval "
+            what = f"training loss over the first {EARLY} decay steps" if m == "early_loss" else m
+            print(f"{a} - {control}, {what}: mean {p['mean']:+.4f}, std {p['std']:.4f}, 95% interval "
                   f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] over {p['n']} seeds: {verdict}")
 
 
@@ -169,10 +175,10 @@ def pictures(results, summary, arms, control, args, decay_at):
     root = os.path.join(args.out, f"seed{seed}")
     runs = ([os.path.join(root, "base")] if args.branch == "decay" else []) + [os.path.join(root, a) for a in arms]
     labels = (["stable phase"] if args.branch == "decay" else []) + list(arms)
-    plot.plot_runs(runs, os.path.join(args.out, "decay.png"), labels=labels,
-                   from_step=max(0, decay_at - (args.decay_iters if args.branch == "decay" else 0)),
-                   title=f"seed {seed}: " + ("the decay from one stable-phase checkpoint" if args.branch == "decay"
-                                             else "every arm from step 0"))
+    plot.plot_runs(runs, os.path.join(args.out, "decay.png"), labels=labels,  # (branch=start: the whole runs)
+                   from_step=max(0, decay_at - args.decay_iters) if args.branch == "decay" else None,
+                   title=f"seed {seed}: " + (f"{', '.join(arms)}: each decay from one stable-phase checkpoint"
+                                             if args.branch == "decay" else f"{', '.join(arms)}, from step 0"))
     others = [a for a in arms if a != control]
     if not others:
         return
