@@ -159,8 +159,8 @@ class KVCache:
 CE_CHUNK_BYTES = 2**30
 
 
-def chunk_rows(vocab_size, chunk_bytes=CE_CHUNK_BYTES):
-    return max(16, chunk_bytes // (4 * vocab_size) // 16 * 16)  # a multiple of 16: GEMM-friendly
+def chunk_rows(vocab_size):
+    return max(16, CE_CHUNK_BYTES // (4 * vocab_size) // 16 * 16)  # a multiple of 16: GEMM-friendly
 
 
 def _chunked_ce(h, w, targets, ignore_index, chunk, grads):
@@ -210,6 +210,10 @@ def chunked_cross_entropy(h, w, targets, ignore_index=-1, chunk=None):
     """F.cross_entropy(h @ w.T, targets, ignore_index=ignore_index) (mean over the targets kept) without ever holding
     the (tokens x vocab) logits: h (N, d), w (V, d), targets (N,). Same loss and gradients as the plain head."""
     chunk = chunk or chunk_rows(w.size(0))
+    if h.size(0) <= chunk:  # one chunk saves nothing: the plain head, whose fused kernels are faster
+        logits = F.linear(h, w)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                               ignore_index=ignore_index)
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         return _ChunkedCrossEntropy.apply(h, w, targets, ignore_index, chunk)
     total, n, _, _ = _chunked_ce(h, w, targets, ignore_index, chunk, grads=False)

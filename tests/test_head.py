@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import LargestTensor  # noqa: E402
+import model as model_py  # noqa: E402
 from model import GPT, GPTConfig, chunk_rows, chunked_cross_entropy  # noqa: E402
 
 
@@ -75,7 +76,9 @@ def small_model(seed=0, **kw):
 
 
 @pytest.mark.parametrize("mup", [True, False])
-def test_model_loss_and_gradients_chunked_equal_plain(mup):
+def test_model_loss_and_gradients_chunked_equal_plain(mup, monkeypatch):
+    monkeypatch.setattr(model_py, "CE_CHUNK_BYTES", 4 * 320 * 48)  # 48-token chunks: 128 tokens make 3, ragged
+    assert chunk_rows(320) == 48
     model = small_model(mup=mup)
     assert model.config.logit_mult == (4.0 if mup else 1.0)
     idx = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -103,6 +106,11 @@ def test_bf16_autocast_matches_the_plain_head_to_bf16_rounding():
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-3 * ref.item()
     for a, b in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
         assert a.dtype == torch.float32 and ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_one_chunk_is_the_plain_head():
+    h, w, t = problem(N=64)
+    assert torch.equal(chunked_cross_entropy(h, w, t, chunk=64), F.cross_entropy(F.linear(h, w), t, ignore_index=-1))
 
 
 def test_chunk_rows_fits_the_budget():
