@@ -38,7 +38,7 @@ import time
 
 import evaluate
 import train
-from cli import Parser, flag
+from cli import Parser, Range, flag, interruptible
 from safeio import make_dir, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
@@ -77,8 +77,14 @@ def paired(diffs):
 def train_run(argv, out_dir):
     """train.main(argv + --out_dir) in this process, its output in out_dir/train.out; the result dict."""
     make_dir(out_dir, "--out")
-    with open(os.path.join(out_dir, "train.out"), "a") as f, contextlib.redirect_stdout(f):
-        return train.main([*argv, f"--out_dir={out_dir}"])
+    try:
+        with open(os.path.join(out_dir, "train.out"), "a") as f, contextlib.redirect_stdout(f):
+            return train.main([*argv, f"--out_dir={out_dir}"])
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:  # train.py stopped at a signal, its checkpoint saved
+            raise SystemExit(f"ablation.py: stopped by a signal in {out_dir}; the same command continues (finished "
+                             f"arms are kept, an unfinished one runs again)") from None
+        raise
 
 
 def finished(out_dir, step):
@@ -213,7 +219,7 @@ def get_args(argv=None):
     flag(p, "branch", default="decay", choices=["decay", "start"], help="decay: the arms branch at the decay start "
          "from one stable phase (the paper's design); start: every arm trains from step 0 (e.g. FP8 parity)")
     flag(p, "train_args", default=CPU_TRAIN_ARGS, help="train.py flags shared by every run")
-    flag(p, "val_tokens", type=int, default=1 << 20, help="evaluate.py --val tokens per arm")
+    flag(p, "val_tokens", type=int, default=1 << 20, range=Range(1), help="evaluate.py --val tokens per arm")
     flag(p, "device", default="auto")
     flag(p, "out", default="runs/ablation", help="where the runs, results.json and the pictures go")
     flag(p, "quick", action="store_true", help="a tiny version for a test: 2 seeds, 24 steps of a 1-layer model")
@@ -271,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("ablation.py", main)

@@ -54,7 +54,7 @@ import fp8
 import hf
 import muon
 import prepare_data
-from cli import Parser, Range, flag
+from cli import Parser, Range, flag, interruptible
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
 from safeio import atomic_write, read_jsonl, write_json
 from train import TRAIN_PRESETS
@@ -808,4 +808,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("bench.py", main)

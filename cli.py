@@ -17,6 +17,7 @@ import argparse
 import difflib
 import math
 import re
+import sys
 
 
 def str2bool(s):
@@ -77,3 +78,13 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"{a.option_strings[0]}={value} is out of range: allowed {a.range}")
         return ns
 
+
+
+def interruptible(prog, main):
+    """Run a script's main(): Ctrl-C is one line and exit code 130, not a traceback. (What the script had written
+    stays whole: it writes through safeio.)"""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -76,7 +76,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fp8
 import hf
 import prepare_data
-from cli import Parser, Range, flag, str2bool
+from cli import Parser, Range, flag, interruptible, str2bool
 from safeio import WriteError, make_dir, write_json
 from train import distributed, setup_device
 
@@ -834,4 +834,4 @@ def evaluate(args):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("evaluate.py", main)

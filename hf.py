@@ -62,7 +62,7 @@ from dataclasses import asdict, fields
 import torch
 
 import prepare_data
-from cli import Parser
+from cli import Parser, interruptible
 from model import GPT, GPTConfig, rope_cache
 from safeio import WriteError, atomic_write, make_dir, write_json
 
@@ -549,4 +549,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("hf.py", main)

@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from cli import Parser, Range, flag, str2bool
+from cli import Parser, Range, flag, interruptible, str2bool
 from model import GPT, GPTConfig
 from safeio import make_dir, write_json
 
@@ -547,4 +547,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("mup_sweep.py", main)

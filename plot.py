@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cli import Parser, Range, flag
+from cli import Parser, Range, flag, interruptible
 from safeio import WriteError, atomic_write, make_dir, read_jsonl
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "seq_len", "phase", "optimizer")
@@ -269,4 +269,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible("plot.py", main)

@@ -193,12 +193,13 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_iters <= decay_start(args):
         raise SystemExit(f"train.py: error: warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not "
                          f"fit in --max_iters={args.max_iters}")
+    given = args.long_context
     try:
-        args.long_context = [tuple(int(v) for v in p.split(":")) for p in args.long_context.split(",") if p]
+        args.long_context = [tuple(int(v) for v in p.split(":")) for p in given.split(",") if p]
         assert all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in args.long_context)
     except (ValueError, AssertionError):
-        raise SystemExit(f"train.py: error: --long_context={args.long_context}: expected SEQ:STEPS[,SEQ:STEPS], "
-                         f"positive integers, e.g. 8192:5000,16384:5000") from None
+        raise SystemExit(f"train.py: error: --long_context={given}: expected SEQ:STEPS[,SEQ:STEPS], positive "
+                         f"integers, e.g. 8192:5000,16384:5000") from None
     if args.long_context_lr_end is None:
         args.long_context_lr_end = args.min_lr_ratio * LONG_CONTEXT_LR_DROP
     return args
