@@ -477,7 +477,18 @@ def hf_documents(name, subset=None, split="train", column="text", streaming=Fals
             raise DataError(f"dataset {name} is not in the local cache and the Hugging Face hub cannot be reached; "
                             "use --source files=path/*.jsonl (json/jsonl/parquet/txt) instead") from None
         raise DataError(f"could not load dataset {name}: {_first_line(e)}") from None
-    return _rows(ds, column, f"dataset {name}")
+
+    def documents():  # a streamed dataset can fail mid-way (the network, the hub): a DataError, not a traceback
+        n = 0
+        try:
+            for n, text in enumerate(_rows(ds, column, f"dataset {name}"), 1):
+                yield text
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"reading dataset {name} failed after {n:,} documents ({type(e).__name__}: "
+                            f"{_first_line(e)}); the partial build is discarded: run prepare_data.py again") from None
+    return documents()
 
 
 FILE_KINDS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

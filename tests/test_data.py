@@ -616,6 +616,21 @@ def test_full_disk_is_a_write_error_and_keeps_the_old_dataset(tmp_path, small_di
     assert snapshot(out) == before and not leftovers(small_disk)
 
 
+def test_a_hub_stream_that_fails_midway_is_a_data_error(old_dataset, monkeypatch):
+    import datasets
+    out, before, _ = old_dataset
+
+    def flaky_stream(*args, **kwargs):  # as a streamed hub dataset whose connection drops after two rows
+        yield from ({"text": t} for t in TEXTS[:2])
+        raise ConnectionError("Connection reset by peer")  # an OSError: not to be reported as a write failure
+    monkeypatch.setattr(datasets, "load_dataset", flaky_stream)
+    monkeypatch.setattr(pd, "_go_offline_if_unreachable", lambda: False)
+    with pytest.raises(DataError, match=r"^reading dataset some/corpus failed after 2 documents \(ConnectionError: "
+                                        r"Connection reset by peer\); the partial build is discarded"):
+        pd.prepare(["hf=some/corpus,streaming=1"], "byte", out)
+    assert snapshot(out) == before and not leftovers(os.path.dirname(out))
+
+
 def test_second_run_into_the_same_dir_is_one_line(old_dataset):
     out, before, pattern = old_dataset
     with FileLock(os.path.join(os.path.dirname(out), ".out.lock")):  # as a first run holds it
