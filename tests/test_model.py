@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, PRESETS, peak_flops
+from model import GPT, GPTConfig, peak_flops
 
 
 def small_config(**kw):
