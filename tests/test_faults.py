@@ -18,28 +18,16 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cli  # noqa: E402
-import prepare_data as pd  # noqa: E402
 import safeio  # noqa: E402
 import train  # noqa: E402
 
-# a 1-layer, 64-wide model (as tests/test_train.py): 12 steps of 256 tokens, checkpoints after 3, 6, 8, 9, 12
-TINY = ["--n_layer=1", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--mlp_hidden=160", "--block_size=32",
-        "--batch_size=4", "--total_batch_size=256", "--eval_iters=2", "--sample_len=0", "--log_interval=1000"]
-REF = ["--max_iters=12", "--warmup_iters=2", "--decay_iters=4", "--eval_interval=3", "--ckpt_interval=3",
-       "--keep_ckpts=10"]
+from test_train import REF, TINY  # noqa: E402  (the 1-layer model; 12 steps, checkpoints after 3, 6, 8, 9, 12)
 # a longer run for the process-level faults: about 10 ms a step, a checkpoint every 20
 LONG = ["--max_iters=600", "--warmup_iters=10", "--decay_iters=100", "--eval_interval=0", "--ckpt_interval=20",
         "--keep_ckpts=0"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "embedded-byte")
-    pd.prepare(["embedded"], "byte", out, max_tokens=200_000)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py, as data_dir)
 
 
 def run(data_dir, out_dir, *flags):

@@ -15,7 +15,6 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fp8  # noqa: E402
-import prepare_data as pd  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -418,13 +417,6 @@ def test_compiles_without_graph_breaks_and_matches_eager():
 FP8_TINY = ["--n_layer=1", "--n_embd=128", "--n_head=2", "--n_kv_head=1", "--mlp_hidden=384", "--block_size=32",
             "--batch_size=4", "--total_batch_size=256", "--eval_iters=4", "--sample_len=0", "--log_interval=1000",
             "--max_iters=30", "--warmup_iters=3", "--decay_iters=6", "--eval_interval=0", "--ckpt_interval=15"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "embedded-byte")
-    pd.prepare(["embedded"], "byte", out, max_tokens=200_000)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,7 @@ REF = ["--max_iters=12", "--warmup_iters=2", "--decay_iters=4", "--eval_interval
        "--keep_ckpts=10"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """200k byte tokens of the embedded corpus: one train shard (~189k tokens) and one val shard (~11k)."""
-    out = str(tmp_path_factory.mktemp("data") / "embedded-byte")
-    pd.prepare(["embedded"], "byte", out, max_tokens=200_000)
-    meta = pd.read_meta(out)
-    assert len(meta["splits"]["train"]) == 1 and meta["tokens"]["train"] > 100_000
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py, as data_dir)
 
 
 def run(data_dir, out_dir, *flags):
