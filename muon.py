@@ -328,8 +328,7 @@ if __name__ == "__main__":
                     print(f"  tile {bm}x{bm}, k {bk}, {w} warps, {st} stages: failed: {str(e).splitlines()[0][:80]}")
         raise SystemExit
     if not cuda:
-        print("CPU: torch path only, at 1/8 of the recipe's sides; the Triton figures need a GPU "
-              "(and torch.optim.Muon's bf16 matmuls are slow on a CPU)")
+        print("CPU: torch path only, at 1/8 of the recipe's sides; the Triton figures need a GPU")
     print(f"{'Newton-Schulz, 5 steps':28s}" + "".join(f"{k + ' ms':>12s}" for k in paths)
           + (f"{'torch/triton':>14s}" if len(paths) > 1 else ""))
     for shape in shapes:
