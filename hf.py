@@ -340,8 +340,12 @@ def _read_weights(d):
             path = os.path.join(d, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} (listed in {index}) is missing; the download is incomplete")
-            tensors.update(_safetensors().load_file(path) if name.endswith(".safetensors")
-                           else torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                tensors.update(_safetensors().load_file(path) if name.endswith(".safetensors")
+                               else torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as e:  # a truncated download: safetensors' "header too small", a zip error, ...
+                raise ValueError(f"cannot read {path} ({prepare_data._first_line(e)}): the file is incomplete or "
+                                 f"damaged; download it again") from None
         return tensors
     raise FileNotFoundError(f"{d} has no weights: model.safetensors, model-*.safetensors with "
                             "model.safetensors.index.json, or pytorch_model.bin")
@@ -378,8 +382,15 @@ def _read_config(d):
     path = os.path.join(d, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{d} has no config.json: not a Hugging Face checkpoint directory")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the download is incomplete or damaged") from None
+    if isinstance(config, dict) and {"args", "model"} <= set(config):  # train.py's own config.json
+        raise ValueError(f"{d} is a train.py run, not a Hugging Face checkpoint: continue it with train.py --resume "
+                         f"(--out_dir={d}), branch from it with --resume=PATH, score it with evaluate.py --ckpt={d}")
+    return config
 
 
 def _dtype(dtype):

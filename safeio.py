@@ -16,6 +16,7 @@ names the path, the space it needed and the space left; the temp file is gone an
 """
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -167,18 +168,33 @@ class FileLock:
 
 
 def read_jsonl(path):
-    """(entries, torn): the JSON objects of a jsonl file, skipping lines that do not parse (a crash or a full disk
+    """(entries, torn): the JSON objects of a jsonl file, skipping lines that are not one (a crash or a full disk
     mid-append tears the last one), and how many were skipped. A missing file has no entries."""
     entries, torn = [], 0
     if not os.path.exists(path):
         return entries, torn
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                torn += 1
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if isinstance(entry, dict):
+                    entries.append(entry)
+                else:  # torn, or not one of our entries (a stray line of JSON)
+                    torn += 1
+    except OSError as e:
+        raise WriteError(f"cannot read {path} ({e.strerror}): move it away to start a new log") from None
     return entries, torn
+
+
+def remove_temp_files(directory):
+    """Delete the .tmp files a killed atomic_write left in directory (a SIGKILL mid-save leaves a checkpoint-sized
+    one). Only for a directory this process holds the lock of: another writer's temp file would be in use."""
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.tmp")):
+        with suppress(OSError):
+            os.remove(path)
 
 
 def rewrite_jsonl(path, entries):

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -41,7 +42,8 @@ import prepare_data
 from cli import Parser, Range, flag, str2bool
 from model import GPT, GPTConfig, PRESETS
 from muon import Muon
-from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, read_jsonl, rewrite_jsonl, write_json
+from safeio import (FileLock, LockError, WriteError, atomic_write, make_dir, read_jsonl, remove_temp_files,
+                    rewrite_jsonl, write_json)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -345,11 +347,19 @@ def save_ckpt(state, out_dir, keep, protected_steps=(), replaced=()):
         torch.save(state, f)
     for old in replaced:  # --overwrite: the replaced run's checkpoints go once the new one is safe
         if old != path and os.path.exists(old):
-            os.remove(old)
+            remove_ckpt(old)
     for step, old in list_ckpts(out_dir)[:-keep]:
         if step not in protected_steps:
-            os.remove(old)
+            remove_ckpt(old)
     return path
+
+
+def remove_ckpt(path):
+    """Delete an old checkpoint; one that cannot be deleted is a warning (the new one is already safe)."""
+    try:
+        os.remove(path)
+    except OSError as e:
+        print(f"train.py: warning: cannot delete {path} ({e.strerror}); it stays", file=sys.stderr)
 
 
 def tensors_of(obj):
@@ -392,15 +402,32 @@ def stop_diverged(step, problem, last_saved, out_dir):
                      f"try a lower --lr or --grad_clip")
 
 
+CKPT_KEYS = ("step", "model", "optimizer", "optimizer_name", "model_config", "args", "tokenizer", "train_loader",
+             "rng", "best_val")
+
+
 def load_ckpt(path, config, tokenizer, longer_context=False):
     """A checkpoint of this model config and tokenizer; longer_context: the long-context phase may continue one
     of a shorter block_size (the weights do not depend on it; the RoPE tables are rebuilt)."""
+    older = "resume from an older ckpt_*.pt with --resume=PATH --overwrite (which replaces the later ones)"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # 8 ranks, one copy in RAM
         assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION
     except Exception as e:
         raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
-                         f"from this version of train.py; resume from an older ckpt_*.pt with --resume=PATH")
+                         f"from this version of train.py; {older}")
+    missing = [k for k in CKPT_KEYS if ckpt.get(k) is None and k != "best_val"] + \
+        [k for k in ("best_val",) if k not in ckpt]
+    if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_config"], dict):
+        raise SystemExit(f"train.py: error: {path} lacks {', '.join(missing) or 'a model state_dict'}: it can be "
+                         f"scored (evaluate.py --ckpt) but not resumed; {older}")
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise SystemExit(f"train.py: error: {path} comes from a newer model.py (model fields {', '.join(unknown)}); "
+                         f"update nanoXmodel to resume it")
+    if not all(t.isfinite().all() for t in ckpt["model"].values() if torch.is_tensor(t) and t.is_floating_point()):
+        raise SystemExit(f"train.py: error: {path} holds weights that are not finite (NaN or inf): it cannot "
+                         f"train further; {older}")
     diff = [f"{k}: checkpoint {v!r}, now {getattr(config, k)!r}" for k, v in ckpt["model_config"].items()
             if getattr(config, k) != v and not (k == "block_size" and longer_context and v < config.block_size)]
     if any(d.startswith("block_size") for d in diff) and not longer_context:
@@ -453,6 +480,15 @@ def init_from(args, preset_config, meta, log):
         log(f"warning: {args.init_from} ships {tokenizer}; {args.data_dir} was tokenized with {meta['tokenizer']}: "
             f"the two must be the same tokenizer (prepare_data.py --tokenizer={tokenizer})")
     return replace(pretrained.config, block_size=preset_config.block_size).validate(), pretrained.state_dict()
+
+
+def load_optimizer_state(optimizer, state):
+    """The checkpoint's moments into this run's optimizer, keeping its hyperparameters (betas, weight decay, Muon's
+    settings: a resume, an ablation arm, may change them; load_state_dict alone would bring back the saved ones)."""
+    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, flags):
+        group.update(hyper)
 
 
 def set_lr(optimizer, lr):
@@ -525,6 +561,7 @@ def run_dir(args, master, ddp):
         try:
             make_dir(args.out_dir, "--out_dir")
             lock = FileLock(os.path.join(args.out_dir, ".lock"), "train.py run").acquire()
+            remove_temp_files(args.out_dir)  # a run killed mid-save left a checkpoint-sized one
         except WriteError as e:
             error = str(e)
         except LockError as e:
@@ -563,6 +600,9 @@ def train(args):
     if ddp:
         # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    if args.ns_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("train.py: error: --ns_triton=1 needs a CUDA device (or TRITON_INTERPRET=1, the Triton "
+                         "interpreter: slow); drop it")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.compile is None:
@@ -578,6 +618,12 @@ def train(args):
         if ddp:
             dist.barrier()
     meta = prepare_data.read_meta(args.data_dir)
+    if master and args.sample_len > 0:  # the end's sample needs the tokenizer: find out now, not after the run
+        try:
+            prepare_data.get_tokenizer(meta["tokenizer"])
+        except prepare_data.DataError as e:
+            log(f"train.py: warning: --sample_len=0, no sample at the end: {e}")
+            args.sample_len = 0
     train_loader = prepare_data.TokenLoader(args.data_dir, "train", rank, world_size)
     val_loader = prepare_data.TokenLoader(args.data_dir, "val", rank, world_size)
 
@@ -588,7 +634,7 @@ def train(args):
         config = GPTConfig.from_preset(args.preset, **overrides)
         if args.init_from:
             config, pretrained = init_from(args, config, meta, log)
-    except ValueError as e:
+    except (ValueError, OSError, ImportError) as e:  # (OSError: a missing --init_from, an unreachable hub)
         raise SystemExit(f"train.py: error: {e}")
     if config.vocab_size < meta["vocab_size"]:
         raise SystemExit(f"train.py: error: --vocab_size={config.vocab_size} is smaller than the data's tokenizer "
@@ -631,12 +677,25 @@ def train(args):
                    train_loader, val_loader, local_rank)
 
 
+def branches(args):
+    """Whether --resume names another run's checkpoint: a branch (an ablation arm, the long-context phase) that
+    starts its own out_dir."""
+    return args.resume not in ("", "auto") and \
+        os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) != os.path.realpath(args.out_dir)
+
+
 def resume_checkpoint(args, ckpts, config, meta, world_size, log):
     """The checkpoint --resume names, refused if it cannot continue this run; what changed since it is logged."""
     path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
     if path is None or not os.path.exists(path):
         raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
                          f"drop --resume to start a new run")
+    if os.path.isdir(path):
+        raise SystemExit(f"train.py: error: --resume={path} is a directory; give a checkpoint file, or "
+                         f"--out_dir={path} --resume for its newest")
+    if branches(args) and ckpts and not args.overwrite:  # its pruning and log would mix with, and delete, that run
+        raise SystemExit(f"train.py: error: {args.out_dir} holds another run (checkpoint at step {ckpts[-1][0]}); "
+                         f"branch {path} into a new --out_dir, or pass --overwrite to replace that run")
     ckpt = load_ckpt(path, config, meta["tokenizer"], longer_context=bool(args.long_context))
     later = [s for s, _ in ckpts if s > ckpt["step"]]
     if later and not args.overwrite:
@@ -658,13 +717,18 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
     start_step, best_val, tokens_seen = 0, None, 0
     if args.resume:
         ckpt = resume_checkpoint(args, ckpts, config, meta, world_size, log)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # missing, unexpected or misshapen weights: a checkpoint of another model.py
+            detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+            raise SystemExit(f"train.py: error: the checkpoint's weights do not fit this model ({detail}); start a "
+                             f"new run with another --out_dir") from None
         if args.fp8 and ckpt.get("fp8") is not None:  # delayed scaling's amax histories
             fp8.load_fp8_state_dict(model, ckpt["fp8"])
         if ckpt["optimizer_name"] != opt_kind:  # e.g. a checkpoint taken after the switch to Muon
             opt_kind = ckpt["optimizer_name"]
             optimizer = build_optimizer(model, args, device, opt_kind)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if args.long_context and ckpt["args"].get("data_dir") != args.data_dir:  # e.g. long documents
             log(f"the long-context phase reads {args.data_dir} from its start")
         else:
@@ -676,7 +740,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
     elif ckpts and not args.overwrite:
         raise SystemExit(f"train.py: error: {args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); "
                          f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
-    stale = [p for s, p in ckpts if s > start_step] if args.overwrite else []
+    stale = [p for s, p in ckpts if s > start_step or branches(args)] if args.overwrite else []
 
     decay_at, end = decay_start(args), min(total_iters(args), args.stop_after or math.inf)
     log_path = os.path.join(args.out_dir, "log.jsonl")
@@ -685,7 +749,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
         # keep the log consistent with the checkpoint: drop entries the resumed run will write again; atomically,
         # so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, is dropped)
         if start_step < end:  # (a finished run's log stays as it is)
-            entries, torn = read_jsonl(log_path) if start_step > 0 else ([], 0)
+            entries, torn = read_jsonl(log_path) if start_step > 0 and not branches(args) else ([], 0)
             rewrite_jsonl(log_path, [e for e in entries if e.get("step", math.inf) < start_step])
             if torn:
                 log(f"{log_path}: dropped {torn} unreadable line(s), a write torn by a crash")

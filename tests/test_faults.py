@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -369,3 +370,130 @@ def test_resume_says_what_changed(data_dir, tmp_path, capsys):
     line = next(line for line in said.splitlines() if line.startswith("resumed from"))
     assert re.match(r"resumed from \S+ckpt_0000009.pt at step 9; changed since it was saved: ", line), line
     assert "total_batch_size 256 -> 512" in line and ", batch_size 4 -> 8" in line
+
+
+def test_a_resume_trains_with_this_runs_optimizer_flags(data_dir, tmp_path):
+    # the moments come from the checkpoint, the hyperparameters from the flags (an ablation arm changes them)
+    out = tmp_path / "out"
+    run(data_dir, out, *REF, "--stop_after=8")
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({(g["weight_decay"], g["betas"]) for g in opt.param_groups}))
+    try:
+        run(data_dir, tmp_path / "arm", *REF, f"--resume={out / 'ckpt_0000008.pt'}", "--weight_decay=0.05",
+            "--beta2=0.99")
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and all({b for _, b in s} == {(0.9, 0.99)} for s in seen), seen
+    assert all({wd for wd, _ in s} == {0.0, 0.05} for s in seen), seen  # (norms and embeddings: no decay)
+
+
+def test_a_branch_into_another_runs_dir_is_refused_and_overwrite_replaces_that_run(data_dir, tmp_path, capsys):
+    other, base = tmp_path / "other", tmp_path / "base"
+    run(data_dir, other, *REF, "--keep_ckpts=2")  # checkpoints 8 (decay start) and 12 (the end) kept
+    run(data_dir, base, *REF, "--max_iters=24", "--decay_iters=8", "--seed=7")
+    before = {p: open(p, "rb").read() for _, p in train.list_ckpts(str(other))}
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(other))} holds another run \(checkpoint at step 12\); "
+                                         r"branch \S+ckpt_0000015.pt into a new --out_dir, or pass --overwrite"):
+        run(data_dir, other, *REF, "--max_iters=24", "--decay_iters=8", f"--resume={base / 'ckpt_0000015.pt'}")
+    assert {p: open(p, "rb").read() for _, p in train.list_ckpts(str(other))} == before
+    run(data_dir, other, *REF, "--max_iters=24", "--decay_iters=8", f"--resume={base / 'ckpt_0000015.pt'}",
+        "--overwrite")
+    assert ckpt_steps(other) == [16, 18, 21, 24] and log_steps(other) == list(range(15, 24))  # none of the old
+
+
+def damage(path, how):
+    """Rewrite a checkpoint so that it reads but cannot be resumed."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if how == "no optimizer":  # a weights-only checkpoint, stripped for sharing
+        del ckpt["optimizer"]
+    elif how == "newer model.py":
+        ckpt["model_config"]["qk_norm"] = True
+    elif how == "nan weight":  # bit rot, or a run saved by a version without the divergence check
+        ckpt["model"]["wte.weight"][0, 0] = float("nan")
+    elif how == "renamed weight":
+        ckpt["model"]["tok_emb.weight"] = ckpt["model"].pop("wte.weight")
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("how, says", [
+    ("no optimizer", r"lacks optimizer: it can be scored \(evaluate.py --ckpt\) but not resumed; resume from an "
+                     r"older ckpt_\*.pt with --resume=PATH --overwrite"),
+    ("newer model.py", r"comes from a newer model.py \(model fields qk_norm\); update nanoXmodel"),
+    ("nan weight", r"holds weights that are not finite \(NaN or inf\): it cannot train further; resume from an older"),
+    ("renamed weight", r"the checkpoint's weights do not fit this model \(Missing key\(s\) in state_dict: "
+                       r"\"wte.weight\""),
+    ("a directory", r"--resume=\S+ is a directory; give a checkpoint file, or --out_dir=\S+ --resume for its newest"),
+])
+def test_a_checkpoint_that_cannot_resume_is_one_line(data_dir, tmp_path, how, says):
+    out = tmp_path / "out"
+    run(data_dir, out, *REF)
+    if how == "a directory":
+        target = str(out)
+    else:
+        target = str(out / "ckpt_0000012.pt")
+        damage(target, how)
+    before = open(out / "ckpt_0000009.pt", "rb").read()
+    line = error_line(train_process(data_dir, out, *REF, "--max_iters=15", f"--resume={target}"))
+    assert re.match(r"train.py: error: ", line) and re.search(says, line), line
+    assert open(out / "ckpt_0000009.pt", "rb").read() == before  # the older one, to resume from, untouched
+
+
+def test_a_checkpoint_that_cannot_be_pruned_is_a_warning(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(data_dir, out, *REF)
+    os.remove(out / "ckpt_0000003.pt")
+    os.mkdir(out / "ckpt_0000003.pt")  # os.remove fails on it, as on a file it may not delete
+    res = run(data_dir, out, *REF, "--max_iters=15", "--resume", "--keep_ckpts=2")
+    assert res["val_loss"] is not None and ckpt_steps(out)[-1] == 15  # the run went on to its end
+    assert re.search(r"train.py: warning: cannot delete \S+ckpt_0000003.pt \(.+\); it stays", capsys.readouterr().err)
+
+
+def test_a_killed_saves_temp_file_is_cleared_and_stray_log_lines_are_torn(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(data_dir, out, *REF)
+    (out / "ckpt_0000015.pt.tmp").write_bytes(b"\0" * 1000)  # what a SIGKILL mid-save leaves
+    with open(out / "log.jsonl", "a") as f:
+        f.write("7\n")  # JSON, but not an entry
+    run(data_dir, out, *REF, "--max_iters=15", "--resume")
+    assert not (out / "ckpt_0000015.pt.tmp").exists() and log_steps(out) == list(range(15))
+    assert "dropped 1 unreadable line(s)" in capsys.readouterr().out
+
+
+def test_a_log_that_is_a_directory_is_one_line_at_resume(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run(data_dir, out, *REF)
+    os.remove(out / "log.jsonl")
+    os.mkdir(out / "log.jsonl")
+    line = error_line(train_process(data_dir, out, *REF, "--max_iters=15", "--resume"))
+    assert re.fullmatch(r"train.py: error: cannot read \S+log.jsonl \(Is a directory\): move it away to start a "
+                        r"new log", line), line
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ns_triton=1", "--optimizer=muon"], r"--ns_triton=1 needs a CUDA device \(or TRITON_INTERPRET=1"),
+    (["--init_from={tmp}/nowhere"], r"\S+/nowhere is not a checkpoint directory, nor a hub id like org/name"),
+    (["--init_from={tmp}/run"], r"\S+/run is a train.py run, not a Hugging Face checkpoint: continue it with "
+                                r"train.py --resume"),
+])
+def test_setups_that_cannot_run_are_one_line_before_training(data_dir, tmp_path, flags, says):
+    run(data_dir, tmp_path / "run", *REF)
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    drop = ("--n_layer", "--n_embd", "--n_head", "--n_kv_head", "--mlp_hidden") if "--init_from" in flags[0] else ()
+    argv = [a for a in cmd(data_dir, tmp_path / "new", *REF, *flags) if not a.startswith(drop)]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**env_1thread(), "HF_HUB_OFFLINE": "1"},
+                       timeout=300)
+    line = error_line(r)
+    assert re.search(says, line), line
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_tokenizer_that_cannot_load_drops_the_sample_at_the_start(data_dir, tmp_path, capsys, monkeypatch):
+    def offline(name):  # as tiktoken's gpt2 without a network, or an hf: tokenizer file moved away
+        raise train.prepare_data.DataError(f"could not load tokenizer {name!r}")
+    monkeypatch.setattr(train.prepare_data, "get_tokenizer", offline)
+    res = run(data_dir, tmp_path / "out", *REF, "--sample_len=20")
+    said = capsys.readouterr().out
+    assert said.index("train.py: warning: --sample_len=0, no sample at the end: could not load tokenizer") < \
+        said.index("step 0")
+    assert res["val_loss"] is not None and "sample:" not in said and ckpt_steps(tmp_path / "out")[-1] == 12
