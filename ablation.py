@@ -39,7 +39,7 @@ import time
 import evaluate
 import train
 from cli import Parser, Range, flag, interruptible
-from safeio import make_dir, write_json
+from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
 ARMS = {
@@ -74,36 +74,52 @@ def paired(diffs):
     return dict(n=n, mean=mean, std=std, ci95=[lo, hi], excludes_zero=bool(lo > 0 or hi < 0))
 
 
+DONE = "ablation_run.json"  # in a run's out_dir once it has finished: the train.py flags it was made with
+
+
 def train_run(argv, out_dir):
     """train.main(argv + --out_dir) in this process, its output in out_dir/train.out; the result dict."""
     make_dir(out_dir, "--out")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, DONE))  # (re)running: not finished until it says so again
     try:
         with open(os.path.join(out_dir, "train.out"), "a") as f, contextlib.redirect_stdout(f):
-            return train.main([*argv, f"--out_dir={out_dir}"])
+            result = train.main([*argv, f"--out_dir={out_dir}"])
     except SystemExit as e:
         if isinstance(e.code, int) and e.code > 128:  # train.py stopped at a signal, its checkpoint saved
             raise SystemExit(f"ablation.py: stopped by a signal in {out_dir}; the same command continues (finished "
                              f"arms are kept, an unfinished one runs again)") from None
         raise
+    write_json(os.path.join(out_dir, DONE), {"argv": argv})
+    return result
 
 
-def finished(out_dir, step):
-    return os.path.exists(os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
+def finished(out_dir, argv):
+    """Whether out_dir holds a finished run of exactly these flags (a run of other --train_args, another --arm
+    definition, or one killed before its final evaluation runs again)."""
+    try:
+        with open(os.path.join(out_dir, DONE)) as f:
+            return json.load(f)["argv"] == argv
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def run_seed(seed, arms, args, base_argv, decay_at, end):
     """One seed: the shared stable phase (branch=decay), then every arm; {arm: metrics}."""
     root = os.path.join(args.out, f"seed{seed}")
     base = os.path.join(root, "base")
-    if args.branch == "decay" and not finished(base, decay_at):
-        train_run([*base_argv, f"--seed={seed}", f"--stop_after={decay_at}", "--overwrite"], base)
+    stable = [*base_argv, f"--seed={seed}", f"--stop_after={decay_at}", "--overwrite"]
+    rerun = args.branch == "decay" and not finished(base, stable)
+    if rerun:
+        train_run(stable, base)
     out = {}
     for arm in arms:
         d = os.path.join(root, arm)
-        if not finished(d, end):
+        branch = [f"--resume={os.path.join(base, f'ckpt_{decay_at:07d}.pt')}"] if args.branch == "decay" else []
+        argv = [*base_argv, f"--seed={seed}", *branch, "--overwrite", *arm_flags(arm, args)]
+        if rerun or not finished(d, argv):  # (a new stable phase: every arm branches from it again)
             t0 = time.time()
-            branch = [f"--resume={os.path.join(base, f'ckpt_{decay_at:07d}.pt')}"] if args.branch == "decay" else []
-            train_run([*base_argv, f"--seed={seed}", *branch, "--overwrite", *arm_flags(arm, args)], d)
+            train_run(argv, d)
             print(f"seed {seed} {arm}: {time.time() - t0:.0f} s", file=sys.stderr)
         out[arm] = metrics(d, decay_at, args)
     return out
@@ -119,9 +135,8 @@ EARLY = 10  # the decay steps right after the switch whose training losses are c
 def metrics(arm_dir, decay_at, args):
     """An arm's final val loss (train.py's), evaluate.py --val's loss and bits per byte, and the training losses of
     the first EARLY steps of the decay, where the switch's effect shows."""
-    with open(os.path.join(arm_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    val = [e["val_loss"] for e in log if "val_loss" in e][-1]
+    log, _ = read_jsonl(os.path.join(arm_dir, "log.jsonl"))
+    val = [e["val_loss"] for e in log if "val_loss" in e][-1]  # (finished(): the final evaluation's)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         ev = evaluate.main([f"--ckpt={arm_dir}", "--val", f"--val_tokens={args.val_tokens}", f"--device={args.device}",
                             f"--out={os.path.join(arm_dir, 'eval.json')}"])["val"]["metrics"]
@@ -205,7 +220,8 @@ def pictures(results, summary, arms, control, args, decay_at):
     ax.set_title(f"paired differences over {len(results)} seeds (grey) and their mean with a 95% interval",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "differences.png"), dpi=120)
+    with atomic_write(os.path.join(args.out, "differences.png")) as f:  # a full disk leaves the old picture
+        fig.savefig(f, format="png", dpi=120)
     print(f"wrote {args.out}/decay.png and differences.png (matplotlib {matplotlib.__version__})")
 
 
@@ -228,12 +244,13 @@ def get_args(argv=None):
         args.train_args = QUICK_TRAIN_ARGS if args.train_args == CPU_TRAIN_ARGS else args.train_args
         args.seeds = "1,2" if args.seeds == "1,2,3,4,5" else args.seeds
         args.val_tokens = 4096
+    args.train_flags = split_flags(p, args.train_args, "--train_args")
     args.arm_defs = dict(ARMS)
     for spec in args.arm:
         name, _, flags = spec.partition(":")
         if not name or not flags:
             p.error(f"--arm={spec!r}: expected NAME:FLAGS")
-        args.arm_defs[name] = shlex.split(flags)
+        args.arm_defs[name] = split_flags(p, flags, f"--arm={spec}")
     args.arm_list = [a for a in args.arms.split(",") if a]
     unknown = [a for a in args.arm_list if a not in args.arm_defs]
     if unknown or len(args.arm_list) < 1:
@@ -247,11 +264,20 @@ def get_args(argv=None):
     return args
 
 
+def split_flags(parser, text, what):
+    try:
+        return shlex.split(text)
+    except ValueError as e:  # e.g. an unbalanced quote
+        parser.error(f"{what}: {e}")
+
+
 def main(argv=None):
     args = get_args(argv)
-    base_argv = shlex.split(args.train_args) + ([f"--device={args.device}"] if args.device != "auto" else [])
+    base_argv = args.train_flags + ([f"--device={args.device}"] if args.device != "auto" else [])
     sched = train.parse_args(base_argv)  # the schedule every run shares (and a bad flag fails here, once)
     args.decay_iters = sched.decay_iters
+    for arm in args.arm_list:  # each arm's flags too, before hours of training reach it
+        train.parse_args([*base_argv, *arm_flags(arm, args)])
     decay_at, end = (train.decay_start(sched), train.total_iters(sched))
     if args.branch == "decay" and decay_at == 0:
         raise SystemExit("ablation.py: error: the decay starts at step 0, so there is no stable phase to share; "
@@ -277,4 +303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("ablation.py", main)
+    interruptible("ablation.py", main, errors=(WriteError,))

@@ -56,7 +56,7 @@ import muon
 import prepare_data
 from cli import Parser, Range, flag, interruptible
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
-from safeio import atomic_write, read_jsonl, write_json
+from safeio import WriteError, atomic_write, read_jsonl, write_json
 from train import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
@@ -808,4 +808,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("bench.py", main)
+    interruptible("bench.py", main, errors=(WriteError, prepare_data.DataError))

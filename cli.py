@@ -80,11 +80,15 @@ class Parser(argparse.ArgumentParser):
 
 
 
-def interruptible(prog, main):
-    """Run a script's main(): Ctrl-C is one line and exit code 130, not a traceback. (What the script had written
-    stays whole: it writes through safeio.)"""
+def interruptible(prog, main, errors=()):
+    """Run a script's main(): Ctrl-C is one line and exit code 130, not a traceback; so is each of errors (the
+    script's kinds of "the user must fix this": a full disk, bad data), with exit code 1. (What the script had
+    written stays whole: it writes through safeio.)"""
     try:
         return main()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

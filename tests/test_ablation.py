@@ -104,3 +104,33 @@ def test_paired_statistics():
 def test_an_unknown_arm_is_one_line():
     r = subprocess.run([sys.executable, "ablation.py", "--arms=adamw,sgd"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown arm(s) sgd" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finished_runs_are_reused_only_for_the_same_flags(quick, tmp_path):
+    out, results, _ = quick
+    data = json.load(open(out / "seed3" / "adamw" / "config.json"))["args"]["data_dir"]
+    argv = ["--quick", f"--out={out}", "--arms=adamw,muon", "--seeds=3"]
+    mtime = os.path.getmtime(out / "seed3" / "muon" / "log.jsonl")
+    again, _ = ablation.main([*argv, f"--train_args={ablation.QUICK_TRAIN_ARGS} --data_dir={data}"])
+    assert again[3] == results[3] and os.path.getmtime(out / "seed3" / "muon" / "log.jsonl") == mtime  # reused
+    # other flags: the stable phase and both arms run again, and the results are theirs; a run killed before it
+    # finished (no DONE record) runs again too
+    (out / "seed3" / "muon" / ablation.DONE).unlink()
+    assert not ablation.finished(str(out / "seed3" / "muon"), [])
+    other, _ = ablation.main([*argv[:-1], "--seeds=4", f"--train_args={ablation.QUICK_TRAIN_ARGS} --data_dir={data} "
+                              "--lr=0.002"])
+    for arm in ("adamw", "muon"):
+        assert json.load(open(out / "seed4" / arm / "config.json"))["args"]["lr"] == 0.002
+        assert other[4][arm]["val_loss"] != results[4][arm]["val_loss"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--arms=adamw,bad", "--arm=bad:--nope"], "unknown flag --nope"),
+    (["--arm=x:--lr='1", "--arms=x"], "--arm=x:--lr='1: No closing quotation"),
+    (["--train_args=--lr='0.1"], "--train_args: No closing quotation"),
+])
+def test_bad_arm_flags_fail_before_any_training(tmp_path, flags, says):
+    r = subprocess.run([sys.executable, "ablation.py", "--quick", f"--out={tmp_path}/abl", *flags], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "abl")
