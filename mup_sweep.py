@@ -11,12 +11,14 @@ mup_sweep.py: does the learning rate transfer across width? The evidence for muP
    the lines are flat; under SP they climb. tests/test_model.py::test_coordinate_check asserts the slopes of
    the same measurement (coordinate_sizes below).
 
-    python mup_sweep.py --threads=1                  # CPU: widths 64-512, 6 LRs, seed 1: ~1 h on 2 shared cores
+    python mup_sweep.py --threads=1 --overwrite      # CPU: widths 64-512, 6 LRs, seed 1: ~1 h on 2 shared cores
+                                                     # (--overwrite: the committed figures/mup_sweep.json is redone)
     python mup_sweep.py --threads=1 --seeds=2 --resume    # + a second seed for error bars: ~1 h more
-    python mup_sweep.py --coord                      # the coordinate check, a few minutes on a CPU
+    python mup_sweep.py --coord --overwrite          # the coordinate check, a few minutes on a CPU
     python mup_sweep.py --plot_only=figures/mup_sweep.json      # redraw a figure from its JSON
     python mup_sweep.py --quick                      # a tiny sweep for a test, well under a minute
-    python mup_sweep.py --widths=256,512,1024,1536 --train_args="--preset=nano --data_dir=data/X --max_iters=2000"
+    python mup_sweep.py --widths=256,512,1024,1536 --out=runs/mup_gpu.json \
+        --train_args="--preset=nano --data_dir=data/X --max_iters=2000"
 
 Any train.py flag can go through --train_args; the width flags (n_embd, n_head, n_kv_head, mlp_hidden), --lr,
 --mup and --seed are set per run. The JSON keeps every run (its final val loss, NaN where the loss went
@@ -42,7 +44,7 @@ import torch
 
 from cli import Parser, Range, flag, interruptible, str2bool
 from model import GPT, GPTConfig
-from safeio import make_dir, write_json
+from safeio import WriteError, atomic_write, make_dir, write_json
 
 PARAMS = ("muP", "SP")  # the two parameterizations, in the figure's order (train.py --mup=1 / --mup=0)
 DEFAULT_TRAIN_ARGS = ("--n_layer=2 --block_size=128 --batch_size=16 --total_batch_size=2048 --max_iters=150 "
@@ -51,7 +53,8 @@ DEFAULT_TRAIN_ARGS = ("--n_layer=2 --block_size=128 --batch_size=16 --total_batc
 QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1], out="out/mup_sweep_quick.json",
              train_args="--n_layer=1 --block_size=32 --batch_size=4 --total_batch_size=128 --max_iters=10 "
                         "--warmup_iters=2 --decay_iters=2 --eval_iters=2",
-             coord_widths=[64, 128], coord_steps=2, coord_seeds=[0], coord_out="out/mup_coord_quick.json")
+             coord_widths=[64, 128], coord_steps=2, coord_seeds=[0], coord_out="out/mup_coord_quick.json",
+             overwrite=True)
 
 # -----------------------------------------------------------------------------
 # the sweep
@@ -163,13 +166,37 @@ def run_info():
                 torch_threads=torch.get_num_threads(), torch=torch.__version__)
 
 
+NEEDS = {"sweep": ("runs", "cells", "widths", "lrs", "best_lr"), "coord": ("widths", "steps", "lr", "muP", "SP")}
+
+
+def read_json(path, what, kind=None):
+    """A sweep's or coordinate check's JSON (of this kind, if given), or one line on why the file is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mup_sweep.py: error: cannot read {what}={path}: {e}") from None
+    found = data.get("kind") if isinstance(data, dict) else None
+    if found not in NEEDS or (kind and found != kind) or any(k not in data for k in NEEDS[found]):
+        raise SystemExit(f"mup_sweep.py: error: {what}={path} is not a {kind or 'sweep or coordinate check'} JSON "
+                         f"that mup_sweep.py wrote")
+    return data
+
+
+def refuse_to_replace(path, what):
+    """A finished sweep can cost hours: a new one does not silently take its place."""
+    if os.path.exists(path):
+        raise SystemExit(f"mup_sweep.py: error: {what}={path} already exists; --resume adds to a sweep, --overwrite "
+                         f"replaces it, or choose another {what}")
+
+
 def sweep(args):
     """Run the grid (seeds x parameterizations x widths x LRs), writing the JSON after every run. With --resume
     the runs already in --out are kept (also those outside this grid: a second seed can be added to some widths
     only) and only the missing ones run."""
     runs, history = [], []
     if args.resume and os.path.exists(args.out):
-        old = json.load(open(args.out))
+        old = read_json(args.out, "--resume: --out", "sweep")
         if old.get("train_args") != args.train_args or old.get("head_dim") != args.head_dim:
             raise SystemExit(f"mup_sweep.py: error: {args.out} holds a sweep with other --train_args/--head_dim; "
                              "drop --resume or choose another --out")
@@ -383,7 +410,9 @@ def save_png(fig, path, dpi):
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
     buf.seek(0)
-    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    with atomic_write(path) as f:  # a full disk leaves the old figure, not a truncated one
+        Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(f, format="PNG",
+                                                                                                    optimize=True)
 
 
 def plot_coord(data, path):
@@ -506,6 +535,8 @@ def parse_args(argv=None):
     flag(g, "quick", type=str2bool, nargs="?", const=True, default=False,
          help="a tiny version for tests (" + ", ".join(f"{k}={v}" for k, v in QUICK.items() if k != "train_args")
               + ", 10 steps); explicit flags still win")
+    flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
+         help="replace an existing --out (or --coord_out) instead of refusing to")
     flag(g, "plot_only", default=None, metavar="JSON", help="redraw the figure of a sweep's or coordinate check's "
          "JSON, without running anything")
     args = p.parse_args(argv)
@@ -522,20 +553,21 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.plot_only:
-        try:
-            data = json.load(open(args.plot_only))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"mup_sweep.py: error: cannot read --plot_only={args.plot_only}: {e}")
+        data = read_json(args.plot_only, "--plot_only")
         if data.get("kind") == "sweep":
             report(data)
         png = (plot_sweep if data.get("kind") == "sweep" else plot_coord)(data, os.path.splitext(args.plot_only)[0]
                                                                             + ".png")
     elif args.coord:
+        if not args.overwrite:
+            refuse_to_replace(args.coord_out, "--coord_out")
         make_dir(os.path.dirname(args.coord_out) or ".", "--coord_out")
         data = coord(args)
         png = plot_coord(data, os.path.splitext(args.coord_out)[0] + ".png")
         print(f"wrote {args.coord_out}")
     else:
+        if not (args.resume or args.overwrite):
+            refuse_to_replace(args.out, "--out")
         make_dir(os.path.dirname(args.out) or ".", "--out")
         data = sweep(args)
         report(data)
@@ -547,4 +579,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("mup_sweep.py", main)
+    interruptible("mup_sweep.py", main, errors=(WriteError,))

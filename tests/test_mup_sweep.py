@@ -225,3 +225,17 @@ def test_a_sweep_cut_short_still_prints_and_draws(quick, tmp_path):
     printed = capture(lambda: mup_sweep.main([f"--plot_only={path}"]))
     assert "| 64 | not run | not run |" in printed
     assert os.path.exists(str(tmp_path / "short.png")) == HAVE_MPL
+
+
+def test_an_existing_sweep_is_not_replaced_and_a_foreign_json_is_one_line(tmp_path):
+    out = tmp_path / "sweep.json"
+    out.write_text('{"kind": "sweep"}')
+    with pytest.raises(SystemExit, match=r"--out=\S+sweep.json already exists; --resume adds to a sweep, "
+                                         r"--overwrite replaces it"):
+        mup_sweep.main(["--widths=64", "--lrs=0.005", f"--out={out}"])
+    for text in ("{garbage", "[]", "{}", '{"kind": "sweep", "runs": []}'):
+        out.write_text(text)
+        for argv in (["--widths=64", "--lrs=0.005", f"--out={out}", "--resume"], [f"--plot_only={out}"]):
+            with pytest.raises(SystemExit, match=r"^mup_sweep.py: error: (cannot read|.*=\S+ is not a)"):
+                mup_sweep.main(argv)
+    assert out.read_text() == '{"kind": "sweep", "runs": []}'  # never written over
