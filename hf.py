@@ -122,7 +122,7 @@ def config_from_xmodel(cfg):
                 "rope_theta", XMODEL_DEFAULTS["rope_theta"])), norm_eps=float(get("rms_norm_eps")), mup=mup,
             base_width=int(get("mup_base_width")), init_std=float(get("initializer_range")), **scales,
             **extra).validate()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # (TypeError: a field of the wrong type, e.g. a string for a size)
         raise ValueError(f"config.json: {e}") from None
     m = cfg.get("mup_width_multiplier")  # the release's config class lets this field override the width's own
     if mup and m is not None and not (isinstance(m, (int, float))
@@ -329,8 +329,12 @@ def _read_weights(d):
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if os.path.isfile(os.path.join(d, index)):
-            with open(os.path.join(d, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(os.path.join(d, index)) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{os.path.join(d, index)} is not a weight index ({type(e).__name__}: {e}): the "
+                                 f"download is incomplete or damaged") from None
         elif os.path.isfile(os.path.join(d, single)):
             files = [single]
         else:
@@ -387,7 +391,9 @@ def _read_config(d):
             config = json.load(f)
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the download is incomplete or damaged") from None
-    if isinstance(config, dict) and {"args", "model"} <= set(config):  # train.py's own config.json
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a model config")
+    if {"args", "model"} <= set(config):  # train.py's own config.json
         raise ValueError(f"{d} is a train.py run, not a Hugging Face checkpoint: continue it with train.py --resume "
                          f"(--out_dir={d}), branch from it with --resume=PATH, score it with evaluate.py --ckpt={d}")
     return config
@@ -522,6 +528,20 @@ def _config_of(path):
     return config_from_xmodel(_read_config(_local_dir(path, weights=False)))
 
 
+def check_export_dir(out, source, overwrite):
+    """An export goes into a new or empty directory (or, with overwrite, over an earlier export); never into the
+    checkpoint it reads, nor into a train.py run, whose config.json it would replace."""
+    out, src = os.path.realpath(out), os.path.realpath(source)
+    if out in (src, os.path.dirname(src)):
+        raise ValueError(f"--out={out} is where the checkpoint being exported lives; choose another directory")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if any(re.fullmatch(r"ckpt_\d+\.pt|log\.jsonl", f) for f in held):
+        raise ValueError(f"--out={out} holds a train.py run; choose another directory")
+    if held and not overwrite:
+        raise ValueError(f"--out={out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                         f"choose a new directory, or pass --overwrite to replace an earlier export there")
+
+
 def main(argv=None):
     p = Parser(prog="hf.py", description="Hugging Face interop: Xmodel checkpoints in, Llama / Xmodel out.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -532,6 +552,8 @@ def main(argv=None):
                    help="llama: plain LlamaForCausalLM, multipliers folded in; xmodel: muP kept (default: llama)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: the checkpoint's")
+    e.add_argument("--overwrite", action="store_true", help="export into a directory that is not empty (an "
+                   "earlier export): its weights, config and tokenizer files are replaced")
     i = sub.add_parser("info", help="print the GPTConfig a checkpoint maps to, and its size")
     i.add_argument("path", help="a train.py checkpoint, an Xmodel checkpoint dir, or a hub id")
     args = p.parse_args(argv)
@@ -549,6 +571,7 @@ def main(argv=None):
         else:
             if not os.path.exists(args.ckpt):
                 raise FileNotFoundError(f"no such checkpoint: {args.ckpt}")
+            check_export_dir(args.out, args.ckpt, args.overwrite)
             if _is_train_ckpt(args.ckpt):
                 model, tokenizer, _ = load_checkpoint(args.ckpt)
                 print(_summary(f"loaded {args.ckpt}", model))

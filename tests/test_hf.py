@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -405,7 +406,7 @@ def test_failed_write_is_one_line_and_keeps_the_old_export(train_run, tmp_path):
     limit = (out / "model.safetensors").stat().st_size // 2  # the xmodel export's weights do not fit
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.path.insert(0, {ROOT!r}); "
-            f"import hf; hf.main(['export', '--ckpt={train_run}', '--format=xmodel', '--out={out}'])")
+            f"import hf; hf.main(['export', '--ckpt={train_run}', '--format=xmodel', '--out={out}', '--overwrite'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
@@ -429,6 +430,20 @@ def test_cli_refuses_what_is_not_a_checkpoint(tmp_path):
     cfg, _ = xmodel_dir(str(tmp_path / "xm"), rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(SystemExit, match="rope_scaling"):
         hf.main(["export", f"--ckpt={tmp_path / 'xm'}", f"--out={tmp_path / 'o'}"])
+    # damaged downloads: each is one line naming the file
+    xmodel_dir(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 4)  # a truncated shard
+    with pytest.raises(ValueError, match=r"cannot read \S+model-00002-of-00002.safetensors \(.+\): the file is "
+                                         r"incomplete"):
+        hf.load_pretrained(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a weight index \(KeyError"):
+        hf.load_pretrained(str(tmp_path / "ok"))
+    for text, says in (("[1, 2]", "holds a JSON list, not a model config"), ("{oops", "is not valid JSON")):
+        (tmp_path / "ok" / "config.json").write_text(text)
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            hf.main(["info", str(tmp_path / "ok")])
+
 
 # -----------------------------------------------------------------------------
 # the hub, offline
@@ -462,3 +477,20 @@ def test_train_init_from_an_xmodel_checkpoint(train_run, tmp_path):
         assert torch.equal(ckpt["model"][k], v), k
     with pytest.raises(SystemExit, match="--init_from takes the architecture from the checkpoint; drop --n_layer"):
         train.main(common + ["--n_layer=2", f"--out_dir={tmp_path / 'out2'}"])
+
+
+def test_export_never_writes_over_its_source_a_run_or_another_checkpoint(train_run, tmp_path):
+    xm = tmp_path / "xm"
+    hf.main(["export", f"--ckpt={train_run}", "--format=xmodel", f"--out={xm}"])
+    before = {f: (xm / f).read_bytes() for f in os.listdir(xm)}
+    for argv, says in [
+        ([f"--ckpt={xm}", f"--out={xm}"], "is where the checkpoint being exported lives"),
+        ([f"--ckpt={train_run}", f"--out={train_run}"], "is where the checkpoint being exported lives"),
+        ([f"--ckpt={xm}", f"--out={train_run}", "--overwrite"], "holds a train.py run"),
+        ([f"--ckpt={train_run}", f"--out={xm}"], "is not empty (config.json, model.safetensors, "),
+    ]:
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            hf.main(["export", "--format=llama", *argv])
+    assert {f: (xm / f).read_bytes() for f in os.listdir(xm)} == before
+    hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={xm}", "--overwrite"])  # replaced, on request
+    assert hf._read_config(str(xm))["model_type"] == "llama"
