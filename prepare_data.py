@@ -62,7 +62,6 @@ import json
 import logging
 import lzma
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -72,9 +71,12 @@ import socket
 import struct
 import sys
 import sysconfig
+import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -578,7 +580,7 @@ def open_source(src, skipped=None, pool=None):
     """A parsed source's documents. skipped: see file_documents; pool: parses embedded packages in parallel."""
     if src["kind"] == "embedded":
         packages = _truthy(src.get("packages", "0"))
-        imap = (lambda f, it: pool.imap(f, it, chunksize=16)) if pool else map
+        imap = (lambda f, it: pool_map(pool, f, it, chunksize=16)) if pool else map
         return embedded_documents(src.get("max_bytes", 0 if packages else EMBEDDED_MAX_BYTES), packages, imap)
     if src["kind"] == "files":
         return file_documents(src["arg"], src.get("column", "text"), skipped)
@@ -634,11 +636,35 @@ _worker_tok = None
 def _init_worker(name):
     global _worker_tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctrl-c is the parent's to handle: one line, not one per worker
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     _worker_tok = get_tokenizer(name)
+
+
+def _exit_with(parent):
+    """A worker whose parent was killed (kill -9, the OOM killer) would wait for work forever: it goes too."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode(text):
     return _worker_tok.encode(text)
+
+
+def start_pool(workers, tokenizer):
+    """Tokenizer processes, started now (before any source opens a file or a connection a fork would share)."""
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer,))
+    pool.submit(int).result()
+    return pool
+
+
+def pool_map(pool, fn, items, chunksize):
+    """pool.map, in order; a worker that dies (the out-of-memory killer, a kill) is a DataError, not a hang."""
+    try:
+        yield from pool.map(fn, items, chunksize=chunksize)
+    except BrokenProcessPool:
+        raise DataError("a tokenizer process died (killed, or out of memory?); rerun, with fewer --workers if "
+                        "memory is short") from None
 
 
 DATASET_FILE = re.compile(r"((train|val)_\d{6}\.bin|meta\.json)(\.tmp)?")
@@ -715,11 +741,10 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     out_dir = out_dir or auto_out_dir(srcs, tokenizer)
     skipped = [[] if skip_bad_files and s["kind"] == "files" else None for s in srcs]
     with ExitStack() as stack:
-        # the pool forks before any source opens a file or a connection
-        pool = multiprocessing.Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
-        if pool:
-            stack.enter_context(pool)  # terminated on the way out, however that goes
-        encode = (lambda texts: pool.map(_encode, texts, chunksize=8)) if pool else (lambda t: map(tok.encode, t))
+        pool = start_pool(workers, tokenizer) if workers > 1 else None
+        if pool:  # stopped on the way out, however that goes, without finishing the queued work
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        encode = (lambda t: pool_map(pool, _encode, t, chunksize=8)) if pool else (lambda t: map(tok.encode, t))
         docs = [open_source(s, sk, pool) for s, sk in zip(srcs, skipped)]  # a bad source fails before out_dir
         build_dir = stack.enter_context(building(out_dir, tok.name, overwrite))
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32

@@ -574,6 +574,22 @@ def test_interrupted_or_killed_run_keeps_the_old_dataset(old_dataset, sig):
         assert snapshot(out) == before and not leftovers(os.path.dirname(out))
 
 
+def test_a_killed_tokenizer_process_is_one_line_not_a_hang(old_dataset):
+    out, before, _ = old_dataset
+    p = subprocess.Popen([sys.executable, "prepare_data.py", f"--out_dir={out}", "--workers=2"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.stdout.readline().startswith("preparing")
+    children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+    workers = [c for c in children if "prepare_data.py" in open(f"/proc/{c}/cmdline").read()]
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("prepare_data.py: error: a tokenizer process died")
+    assert snapshot(out) == before and not leftovers(os.path.dirname(out))
+
+
 def limit_file_size(nbytes):
     def preexec():  # a write past the limit then fails with EFBIG instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
