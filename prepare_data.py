@@ -513,7 +513,12 @@ def _read_problem(e, path, kind):
 def file_documents(pattern, column="text", skipped=None):
     """The documents of the files matching pattern, a file at a time, so a bad file is named. skipped: a list to
     note (and skip the rest of) each file that cannot be read; None: the first such file is a DataError."""
-    files = sorted(glob.glob(pattern, recursive=True))
+    if os.path.isdir(pattern):
+        raise DataError(f"files={pattern} is a directory; name its files, e.g. files={os.path.join(pattern, '*.jsonl')}"
+                        f" (or {os.path.join(pattern, '**', '*.jsonl')} for its subdirectories too)")
+    # each file once: a symlink loop (or a link to a file also matched) would repeat documents, across the splits
+    files = list({os.path.realpath(f): f for f in sorted(glob.glob(pattern, recursive=True))
+                  if os.path.isfile(f)}.values())
     if not files:
         raise DataError(f"no files match {pattern!r}")
     exts = {os.path.splitext(re.sub(COMPRESSED, "", f))[1].lower() for f in files}
@@ -534,6 +539,8 @@ def file_documents(pattern, column="text", skipped=None):
 
     def documents():
         for path in files:
+            if os.path.getsize(path) == 0:  # (datasets' json reader fails on one: StopIteration)
+                continue
             try:  # streaming reads the file in place, without an arrow copy in the cache
                 ds = datasets.load_dataset(kind, data_files=[path], split="train", streaming=True, **extra)
                 for text in _rows(ds, column, path):

@@ -829,3 +829,17 @@ def test_embedded_source_options():
     assert pd.auto_out_dir([pd.parse_source("embedded")], "byte") == pd.DEFAULT_DATA_DIR
     with pytest.raises(DataError, match="max_bytes must be a whole number"):
         pd.parse_source("embedded,max_bytes=lots")
+
+
+def test_files_each_read_once_an_empty_one_skipped_a_directory_named(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(6):
+        (src / f"d{i}.jsonl").write_text(json.dumps({"text": f"document {i}, with a few words in it"}) + "\n")
+    (src / "empty.jsonl").write_text("")
+    os.symlink("..", src / "sub" / "up")  # a loop: **/*.jsonl matches every file again and again through it
+    out = pd.prepare([f"files={src}/**/*.jsonl"], "byte", str(tmp_path / "out"), val_frac=0.3)
+    assert pd.read_meta(out)["documents"] == 6
+    with pytest.raises(DataError, match=rf"files={re.escape(str(src))} is a directory; name its files, e.g. "
+                                        rf"files={re.escape(str(src))}/\*\.jsonl"):
+        pd.prepare([f"files={src}"], "byte", str(tmp_path / "out2"))
