@@ -56,7 +56,7 @@ import muon
 import prepare_data
 from cli import Parser, Range, flag, interruptible
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
-from safeio import WriteError, atomic_write, read_jsonl, write_json
+from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
 from train import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
@@ -703,7 +703,7 @@ def run_sections(args, device, dtype, rows, budget_end=None, skipped=None):
     and a section that fails is a row saying how, not the end of the report."""
     report_mode = budget_end is not None
     sections = args.only.split(",")
-    shapes = [int(n) for n in args.layers.split(",") if n] or [None]
+    shapes = args.layer_list or [None]
     configs = [shape_config(args, n) for n in shapes]
     plan = []  # (name, rough seconds on an H100/H200, call)
     for i, config in enumerate(configs):
@@ -738,7 +738,7 @@ def run_sections(args, device, dtype, rows, budget_end=None, skipped=None):
 def report(args, device, dtype):
     t0 = time.time()
     out_dir = args.report_dir
-    os.makedirs(out_dir, exist_ok=True)
+    make_dir(out_dir, "--report_dir")  # now, not after eight minutes of measuring
     rep = dict(info=environment(args, device), rows=Rows(), skipped=[])
     print("bench.py --report: " + json.dumps(rep["info"]))
     rep["pytest_gpu"] = gpu_tests(device, timeout=150)
@@ -747,11 +747,15 @@ def report(args, device, dtype):
     rep["real_run"] = real_run(args, device, os.path.join(out_dir, "run"), timeout=max(60, t0 + args.budget_s -
                                                                                          time.time()))
     rep["seconds"] = round(time.time() - t0)
-    write_json(os.path.join(out_dir, "report.json"), rep, indent=1)
     md = markdown(rep)
-    with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(md)
-    print(f"\n{md}\nwrote {out_dir}/report.json and report.md in {rep['seconds']} s")
+    print(f"\n{md}")  # first: a write that fails below still leaves the measurements on the screen
+    try:
+        write_json(os.path.join(out_dir, "report.json"), rep, indent=1)
+        with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
+            f.write(md)
+    except WriteError as e:
+        raise WriteError(f"{e}; the report's table is printed above") from None
+    print(f"wrote {out_dir}/report.json and report.md in {rep['seconds']} s")
     return rep
 
 
@@ -778,8 +782,18 @@ def get_args(argv=None):
     unknown = set(args.only.split(",")) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    try:
+        args.layer_list = [int(n) for n in (args.layers or "").split(",") if n]
+        assert all(n >= 1 for n in args.layer_list)
+    except (ValueError, AssertionError):
+        p.error(f"--layers={args.layers}: expected comma-separated positive layer counts, e.g. 48,12")
     if args.device == "auto":
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    try:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device={args.device}: this machine (or this torch build) has no CUDA device")
+    except RuntimeError as e:
+        p.error(f"--device={args.device}: {str(e).splitlines()[0]}")
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -795,7 +809,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on a CPU
     args.fp8 = cuda and torch.cuda.get_device_capability() >= (8, 9)
-    first = shape_config(args, int(args.layers.split(",")[0]) if args.layers else None)
+    first = shape_config(args, args.layer_list[0] if args.layer_list else None)
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench.py on {name}, torch {torch.__version__}: {args.preset} shape, layers {args.layers or first.n_layer}"
           f" x {first.n_embd} wide, vocab {first.vocab_size:,}, {meta_model(first).num_params() / 1e6:.1f}M params "

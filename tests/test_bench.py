@@ -80,3 +80,16 @@ def test_report_writes_json_and_the_readme_table(data, tmp_path):
 def test_unknown_section_is_one_line():
     r = run("--quick", "--only=train,gpu")
     assert r.returncode == 2 and "unknown section(s) gpu" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--layers=2,x"], "--layers=2,x: expected comma-separated positive layer counts"),
+    (["--layers=0"], "--layers=0: expected comma-separated positive layer counts"),
+    (["--device=tpu"], "--device=tpu: Expected one of cpu, cuda"),
+    (["--report", "--report_dir={file}"], "--report_dir"),
+])
+def test_bad_flags_are_one_line_before_any_measuring(tmp_path, flags, says):
+    (tmp_path / "file").write_text("a file, not a directory")
+    r = run("--quick", *[f.format(file=tmp_path / "file") for f in flags])
+    assert r.returncode != 0 and "Traceback" not in r.stderr and says in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "pytest -m gpu" not in r.stdout
