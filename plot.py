@@ -48,11 +48,18 @@ class Run:
     train: dict  # key -> list over training steps; None where some entry lacks the key (an older log)
     val: dict
     config: dict = field(default_factory=dict)
-    torn: int = 0  # lines of log.jsonl that did not parse (a crash mid-append)
+    torn: int = 0  # lines of log.jsonl skipped: torn by a crash mid-append, or not an entry it can draw
 
 
 def _series(entries, keys):
     return {k: [e[k] for e in entries] if all(k in e for e in entries) else None for k in keys}
+
+
+def _usable(e):
+    """A log entry that can be drawn: an integer step, finite numbers where it has them (a NaN loss before a
+    divergence stop, a hand-edited line, are skipped and counted)."""
+    return isinstance(e.get("step"), int) and all(
+        isinstance(e[k], (int, float)) and math.isfinite(e[k]) for k in ("loss", "val_loss", "lr", "tokens") if k in e)
 
 
 def read_run(path, name=None):
@@ -63,7 +70,8 @@ def read_run(path, name=None):
     if not os.path.exists(log):
         raise PlotError(f"{path} has no log.jsonl (is it a train.py --out_dir?)")
     entries, torn = read_jsonl(log)
-    entries = [e for e in entries if isinstance(e, dict) and "step" in e]
+    usable = [e for e in entries if _usable(e)]
+    entries, torn = usable, torn + len(entries) - len(usable)
     if not entries:
         raise PlotError(f"{log} has no entries yet")
     config = {}
@@ -128,9 +136,9 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
     """The matplotlib Figure for these Runs (see plot_runs)."""
     if x == "tokens":
         for r in runs:
-            if r.train["tokens"] is None or (r.val["step"] and r.val["tokens"] is None):
-                raise PlotError(f"{r.path}/log.jsonl has no token counts (written by an older train.py); "
-                                f"use --x=step")
+            if not r.train["step"] or r.train["tokens"] is None or (r.val["step"] and r.val["tokens"] is None):
+                raise PlotError(f"{r.path}/log.jsonl has no token counts (no training step logged yet, or "
+                                f"written by an older train.py); use --x=step")
     try:  # a bare Figure draws with Agg: no display, no pyplot state, nothing to close
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
@@ -165,7 +173,8 @@ def figure(runs, x="step", from_step=None, to_step=None, ylim=None, title=None, 
                 curves.append((xs, ema(loss, smooth)))
                 if smooth:
                     ax.plot(*curves[-1], color=color, lw=1.6, zorder=2, label=f"{r.name} train (EMA)")
-            ax_lr.plot(xs, [t["lr"][j] for j in keep], color=color, lw=0.9, ls="--", alpha=0.8, zorder=1)
+            if t["lr"] is not None:  # (every entry has one; a foreign log may not)
+                ax_lr.plot(xs, [t["lr"][j] for j in keep], color=color, lw=0.9, ls="--", alpha=0.8, zorder=1)
         keep = [j for j, s in enumerate(v["step"]) if lo <= s <= hi]
         if keep:
             xs = [(v["tokens"] if x == "tokens" else v["step"])[j] for j in keep]
@@ -261,7 +270,7 @@ def main(argv=None):
         runs = [read_run(d) for d in a.runs]
         for r in runs:
             if r.torn:
-                print(f"plot.py: note: {r.path}/log.jsonl: skipped {r.torn} line(s) that did not parse")
+                print(f"plot.py: note: {r.path}/log.jsonl: skipped {r.torn} line(s) that are not entries it can draw")
         out = plot_runs(runs, a.out, labels, a.x, a.from_step, a.to_step, a.ylim, a.title, a.smooth, a.val_only)
     except (PlotError, WriteError) as e:
         raise SystemExit(f"plot.py: error: {e}") from None

@@ -193,3 +193,18 @@ def test_without_matplotlib(runs):
     r = subprocess.run([sys.executable, "-c", code.format(root=ROOT, run=runs["base"])], capture_output=True,
                        text=True)
     assert r.returncode == 1 and r.stderr == "plot.py: error: plotting needs matplotlib: pip install matplotlib\n"
+
+
+def test_odd_logs_draw_or_say_why(tmp_path):
+    pytest.importorskip("matplotlib")
+    good = log_entries()
+    odd = [*good, dict(step=12, loss=float("inf"), lr=0.001), dict(step="13", loss=2.0), dict(step=14, loss=None),
+           dict(step=15, loss="abc")]
+    run = plot.read_run(write_run(tmp_path / "odd", odd))
+    assert run.torn == 4 and run.train["step"] == list(range(12))  # the odd entries skipped, and counted
+    plot.figure([run])
+    no_lr = plot.read_run(write_run(tmp_path / "no_lr", [{k: v for k, v in e.items() if k != "lr"} for e in good]))
+    assert no_lr.train["lr"] is None and plot.figure([no_lr])  # drawn without its learning-rate line
+    val_only = plot.read_run(write_run(tmp_path / "val_only", [e for e in good if "val_loss" in e][:1]))
+    with pytest.raises(plot.PlotError, match=r"has no token counts \(no training step logged yet.*; use --x=step"):
+        plot.figure([val_only], x="tokens")
