@@ -145,6 +145,9 @@ class HFTokenizer:
         path = name[3:]
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.endswith(".json") or path.count("/") != 1
+        if looks_local and not os.path.isfile(path):  # not a hub id (org/name): a file that is not there
+            raise DataError(f"--tokenizer={name}: no such file {path}")
         try:
             self.tok = Tokenizer.from_file(path) if os.path.isfile(path) else Tokenizer.from_pretrained(path)
         except Exception as e:
@@ -232,8 +235,10 @@ def read_meta(data_dir):
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
         ok = (meta["version"] == VERSION and meta["dtype"] in ("uint16", "uint32")
-              and isinstance(meta["tokenizer"], str) and int(meta["vocab_size"]) > int(meta["eot"]) >= 0
-              and all(isinstance(meta["splits"][s], list) and int(meta["tokens"][s]) >= 0 for s in ("train", "val")))
+              and isinstance(meta["tokenizer"], str) and all(type(meta[k]) is int for k in ("vocab_size", "eot"))
+              and meta["vocab_size"] > meta["eot"] >= 0
+              and all(isinstance(meta["splits"][s], list) and all(isinstance(n, str) for n in meta["splits"][s])
+                      and type(meta["tokens"][s]) is int and meta["tokens"][s] >= 0 for s in ("train", "val")))
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
@@ -475,7 +480,7 @@ def hf_documents(name, subset=None, split="train", column="text", streaming=Fals
     try:
         ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, data_dir=data_dir)
     except Exception as e:
-        if offline:
+        if offline and not os.path.exists(name):  # (a local dataset's own error, e.g. a wrong split, is the news)
             raise DataError(f"dataset {name} is not in the local cache and the Hugging Face hub cannot be reached; "
                             "use --source files=path/*.jsonl (json/jsonl/parquet/txt) instead") from None
         raise DataError(f"could not load dataset {name}: {_first_line(e)}") from None
@@ -580,6 +585,9 @@ def parse_source(spec):
         if not re.fullmatch(r"\d[\d_]*", opts["max_bytes"]):
             raise DataError(f"bad --source {spec!r}: max_bytes must be a whole number of bytes (0: no cap)")
         opts["max_bytes"] = int(opts["max_bytes"])
+    for k in ("packages", "streaming"):  # a typo must not quietly mean "off"
+        if k in opts and opts[k].lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise DataError(f"bad --source {spec!r}: {k} takes 1 or 0 ({k}=1), not {opts[k]!r}")
     return {"spec": spec, "kind": kind, "arg": arg, "weight": weight, **opts}
 
 
@@ -788,8 +796,9 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
                     break
         splits = {s: w.close() for s, w in writers.items()}
         if not splits["train"] or not splits["val"]:
-            raise DataError(f"{i} documents gave no {'train' if not splits['train'] else 'val'} split; "
-                            "use more documents or a larger --val_frac")
+            cut = f" (--max_tokens={max_tokens:,} stopped it)" if max_tokens and total >= max_tokens else ""
+            raise DataError(f"{i} documents gave no {'train' if not splits['train'] else 'val'} split{cut}; "
+                            f"use more documents{' (a larger --max_tokens)' if cut else ''} or a larger --val_frac")
         write_meta(build_dir, {
             "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot": tok.eot,
             "dtype": np.dtype(dtype).name, "splits": splits, "tokens": {s: w.tokens for s, w in writers.items()},

@@ -179,9 +179,14 @@ def test_missing_data_dir(tmp_path):
 
 
 def test_corrupt_meta(good_dir):
-    open(os.path.join(good_dir, "meta.json"), "w").write('{"version": 1')
-    with pytest.raises(DataError, match="corrupt"):
-        pd.read_meta(good_dir)
+    path = os.path.join(good_dir, "meta.json")
+    meta = pd.read_meta(good_dir)
+    # torn JSON, and fields of the wrong type (a hand edit, another tool): "corrupt", not a TypeError later
+    for text in ['{"version": 1', json.dumps({**meta, "vocab_size": "257"}),
+                 json.dumps({**meta, "splits": {**meta["splits"], "train": [None]}})]:
+        open(path, "w").write(text)
+        with pytest.raises(DataError, match="meta.json is corrupt"):
+            pd.read_meta(good_dir)
 
 
 def test_missing_shard(good_dir):
@@ -274,6 +279,10 @@ def test_hf_tokenizer_json(tmp_path):
     tok = pd.get_tokenizer(f"hf:{tmp_path}")
     assert (tok.vocab_size, tok.eot) == (4, 3)
     assert tok.encode("hello world hello") == [1, 2, 1]
+    for gone in (tmp_path / "moved" / "tokenizer.json", tmp_path / "empty_dir"):  # a file moved away, a bare dir
+        os.makedirs(tmp_path / "empty_dir", exist_ok=True)
+        with pytest.raises(DataError, match=r"--tokenizer=hf:\S+: no such file \S+tokenizer.json$"):
+            pd.get_tokenizer(f"hf:{gone}")
 
 
 # -----------------------------------------------------------------------------
@@ -829,6 +838,9 @@ def test_embedded_source_options():
     assert pd.auto_out_dir([pd.parse_source("embedded")], "byte") == pd.DEFAULT_DATA_DIR
     with pytest.raises(DataError, match="max_bytes must be a whole number"):
         pd.parse_source("embedded,max_bytes=lots")
+    for bad in ("embedded,packages", "embedded,packages=maybe", "hf=a/b,streaming=ture"):
+        with pytest.raises(DataError, match=r"(packages|streaming) takes 1 or 0"):
+            pd.parse_source(bad)
 
 
 def test_files_each_read_once_an_empty_one_skipped_a_directory_named(tmp_path):
