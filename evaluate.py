@@ -679,6 +679,9 @@ def load_model(args, device):
         except (OSError, ValueError) as e:
             fail(f"{e}; train one with train.py, or pass --ckpt=PATH/ckpt_N.pt")
         name, args.ckpt_data_dir = args.tokenizer or name, run_args.get("data_dir")
+    if not all(p.isfinite().all() for p in model.parameters()):  # every score would be NaN
+        fail(f"{where} holds weights that are not finite (NaN or inf); evaluate an earlier checkpoint "
+             f"(--ckpt=PATH/ckpt_N.pt)")
     tok = prepare_data.get_tokenizer(name)
     if tok.vocab_size > model.config.vocab_size:  # its ids would index past the embedding
         fail(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens, more than the model's {model.config.vocab_size:,}: "

