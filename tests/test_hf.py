@@ -270,8 +270,11 @@ def test_tiktoken_merges_rebuild_its_ranks():
 
 
 def test_tokenizer_that_cannot_load_writes_nothing(tmp_path):
-    with pytest.raises(prepare_data.DataError, match="could not load tokenizer"):
+    with pytest.raises(prepare_data.DataError, match=r"--tokenizer=hf:\S+missing.json: no such file"):
         hf.save_pretrained(random_model(), str(tmp_path / "out"), tokenizer=f"hf:{tmp_path / 'missing.json'}")
+    (tmp_path / "bad.json").write_text("{not a tokenizer")
+    with pytest.raises(prepare_data.DataError, match="could not load tokenizer"):
+        hf.save_pretrained(random_model(), str(tmp_path / "out"), tokenizer=f"hf:{tmp_path / 'bad.json'}")
     assert not os.path.exists(tmp_path / "out")
 
 
