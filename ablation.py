@@ -31,14 +31,13 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
 
 import evaluate
 import train
-from cli import Parser, Range, flag, interruptible
+from cli import Parser, Range, flag, interruptible, split_words
 from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
@@ -244,13 +243,13 @@ def get_args(argv=None):
         args.train_args = QUICK_TRAIN_ARGS if args.train_args == CPU_TRAIN_ARGS else args.train_args
         args.seeds = "1,2" if args.seeds == "1,2,3,4,5" else args.seeds
         args.val_tokens = 4096
-    args.train_flags = split_flags(p, args.train_args, "--train_args")
+    args.train_flags = split_words(p, args.train_args, "--train_args")
     args.arm_defs = dict(ARMS)
     for spec in args.arm:
         name, _, flags = spec.partition(":")
         if not name or not flags:
             p.error(f"--arm={spec!r}: expected NAME:FLAGS")
-        args.arm_defs[name] = split_flags(p, flags, f"--arm={spec}")
+        args.arm_defs[name] = split_words(p, flags, f"--arm={spec}")
     args.arm_list = [a for a in args.arms.split(",") if a]
     unknown = [a for a in args.arm_list if a not in args.arm_defs]
     if unknown or len(args.arm_list) < 1:
@@ -262,13 +261,6 @@ def get_args(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--seeds={args.seeds}: expected comma-separated non-negative integers")
     return args
-
-
-def split_flags(parser, text, what):
-    try:
-        return shlex.split(text)
-    except ValueError as e:  # e.g. an unbalanced quote
-        parser.error(f"{what}: {e}")
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import argparse
 import difflib
 import math
 import re
+import shlex
 import sys
 
 
@@ -78,6 +79,15 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"{a.option_strings[0]}={value} is out of range: allowed {a.range}")
         return ns
 
+
+
+def split_words(parser, text, what):
+    """A flag that holds other flags (--train_args="--lr=0.01 --seed=2"), split as a shell would; an unbalanced
+    quote is the parser's one-line error."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        parser.error(f"{what}: {e}")
 
 
 def interruptible(prog, main, errors=()):

@@ -42,7 +42,7 @@ import time
 import numpy as np
 import torch
 
-from cli import Parser, Range, flag, interruptible, str2bool
+from cli import Parser, Range, flag, interruptible, split_words, str2bool
 from model import GPT, GPTConfig
 from safeio import WriteError, atomic_write, make_dir, write_json
 
@@ -543,6 +543,7 @@ def parse_args(argv=None):
     if args.quick:  # quick's values replace the defaults only: parse again with them as defaults
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
+    split_words(p, args.train_args, "--train_args")  # an unbalanced quote: now, not at the first run
     if any(w % 32 for w in args.coord_widths) and args.coord:
         p.error("--coord_widths must be multiples of 32 (the coordinate check's head dim)")
     return args

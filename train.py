@@ -416,8 +416,7 @@ def load_ckpt(path, config, tokenizer, longer_context=False):
     except Exception as e:
         raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
                          f"from this version of train.py; {older}")
-    missing = [k for k in CKPT_KEYS if ckpt.get(k) is None and k != "best_val"] + \
-        [k for k in ("best_val",) if k not in ckpt]
+    missing = [k for k in CKPT_KEYS if k not in ckpt or ckpt[k] is None and k != "best_val"]  # (None: no eval yet)
     if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_config"], dict):
         raise SystemExit(f"train.py: error: {path} lacks {', '.join(missing) or 'a model state_dict'}: it can be "
                          f"scored (evaluate.py --ckpt) but not resumed; {older}")
@@ -713,7 +712,7 @@ def resume_checkpoint(args, ckpts, config, meta, world_size, log):
 def run(args, ddp, master, log, device, world_size, autocast, meta, config, model, optimizer, opt_kind,
         train_loader, val_loader, local_rank):
     # resume, or refuse to silently replace an earlier run
-    ckpts = list_ckpts(args.out_dir)
+    ckpts, branched = list_ckpts(args.out_dir), branches(args)
     start_step, best_val, tokens_seen = 0, None, 0
     if args.resume:
         ckpt = resume_checkpoint(args, ckpts, config, meta, world_size, log)
@@ -740,7 +739,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
     elif ckpts and not args.overwrite:
         raise SystemExit(f"train.py: error: {args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); "
                          f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
-    stale = [p for s, p in ckpts if s > start_step or branches(args)] if args.overwrite else []
+    stale = [p for s, p in ckpts if s > start_step or branched] if args.overwrite else []
 
     decay_at, end = decay_start(args), min(total_iters(args), args.stop_after or math.inf)
     log_path = os.path.join(args.out_dir, "log.jsonl")
@@ -749,7 +748,7 @@ def run(args, ddp, master, log, device, world_size, autocast, meta, config, mode
         # keep the log consistent with the checkpoint: drop entries the resumed run will write again; atomically,
         # so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, is dropped)
         if start_step < end:  # (a finished run's log stays as it is)
-            entries, torn = read_jsonl(log_path) if start_step > 0 and not branches(args) else ([], 0)
+            entries, torn = read_jsonl(log_path) if start_step > 0 and not branched else ([], 0)
             rewrite_jsonl(log_path, [e for e in entries if e.get("step", math.inf) < start_step])
             if torn:
                 log(f"{log_path}: dropped {torn} unreadable line(s), a write torn by a crash")

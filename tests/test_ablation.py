@@ -1,5 +1,6 @@
 """ablation.py --quick: the paper's design (one stable phase per seed, each arm's decay branched from its
 checkpoint), statistics computed from the runs themselves, the outputs written."""
+import importlib.util
 import json
 import math
 import os
@@ -13,11 +14,7 @@ sys.path.insert(0, ROOT)
 import ablation  # noqa: E402
 
 
-try:
-    import matplotlib  # noqa: F401  (optional: without it the numbers still come, the pictures do not)
-    HAVE_MPL = True
-except ImportError:
-    HAVE_MPL = False
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None  # optional: the pictures need it
 
 
 @pytest.fixture(scope="module")

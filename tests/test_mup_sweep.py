@@ -2,6 +2,7 @@
 width, LR, seed and parameterization, diverged runs are NaN, and --quick / --coord --quick / --plot_only write
 their JSON and pictures. CPU, well under a minute."""
 
+import importlib.util
 import json
 import math
 import os
@@ -17,11 +18,7 @@ import mup_sweep  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import train  # noqa: E402
 
-try:
-    import matplotlib  # noqa: F401
-    HAVE_MPL = True
-except ImportError:
-    HAVE_MPL = False
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None  # optional: the pictures need it
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
@@ -239,3 +236,9 @@ def test_an_existing_sweep_is_not_replaced_and_a_foreign_json_is_one_line(tmp_pa
             with pytest.raises(SystemExit, match=r"^mup_sweep.py: error: (cannot read|.*=\S+ is not a)"):
                 mup_sweep.main(argv)
     assert out.read_text() == '{"kind": "sweep", "runs": []}'  # never written over
+
+
+def test_an_unbalanced_quote_in_train_args_is_a_parser_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        mup_sweep.parse_args(["--train_args=--lr='0.1"])
+    assert e.value.code == 2 and "--train_args: No closing quotation" in capsys.readouterr().err
