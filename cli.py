@@ -16,9 +16,12 @@ a value that parses but makes no sense (a batch of 0, a NaN learning rate) stops
 import argparse
 import difflib
 import math
+import os
 import re
 import shlex
 import sys
+from collections import namedtuple
+from datetime import timedelta
 
 
 def str2bool(s):
@@ -90,10 +93,42 @@ def split_words(parser, text, what):
         parser.error(f"{what}: {e}")
 
 
-def interruptible(prog, main, errors=()):
-    """Run a script's main(): Ctrl-C is one line and exit code 130, not a traceback; so is each of errors (the
-    script's kinds of "the user must fix this": a full disk, bad data), with exit code 1. (What the script had
-    written stays whole: it writes through safeio.)"""
+class UserError(Exception):
+    """Something the user must fix (a bad flag combination, bad data, a full disk, a diverged run), in one line that
+    says what to do. Raised where the knowledge lives, as a subclass that names the kind (safeio.WriteError,
+    prepare_data.DataError, checkpoint.Diverged, ...), and printed once, by run_main. Other code tells the kinds
+    apart by type, never by the message's text."""
+
+
+class ErrorExit(SystemExit):
+    """How a script ends on a UserError: SystemExit whose message is "PROG: error: ..." (Python prints it to stderr,
+    once, and exits with status 1). .error is the UserError, so a caller that ran the script in-process (an
+    experiment driver) tells a diverged run from a bad flag by type."""
+
+    def __init__(self, prog, error):
+        super().__init__(f"{prog}: error: {error}")
+        self.error = error
+
+
+def fail(prog, e):
+    """The ErrorExit that ends `prog` on the UserError e."""
+    return ErrorExit(prog, e)
+
+
+def run_main(prog, main, *args, on_interrupt=None):
+    """Run a script's main(*args) under the one top-level handler every script uses: a UserError becomes one line
+    and exit status 1, Ctrl-C one line and exit status 130 (on_interrupt() may add what was kept), never a
+    traceback. (What the script had written stays whole: it writes through safeio.)"""
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + (f"; {on_interrupt()}" if on_interrupt else ""), file=sys.stderr)
+        raise SystemExit(130) from None
+    except UserError as e:
+        raise fail(prog, e) from None
+
+
+def interruptible(prog, main, errors=()):  # (the scripts move to run_main, whose errors are every UserError)
     try:
         return main()
     except KeyboardInterrupt:
@@ -102,3 +137,59 @@ def interruptible(prog, main, errors=()):
     except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+# -----------------------------------------------------------------------------
+# launch: torchrun's environment -> this process's device and process group (train.py, evaluate.py, bench.py)
+
+Launch = namedtuple("Launch", "ddp rank local_rank world_size device")
+Launch.master = property(lambda self: self.rank == 0)  # the process that writes files and prints
+
+
+def distributed():
+    """(ddp, rank, local_rank, world_size): torchrun sets RANK and the rest; otherwise one process."""
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1
+    return (True, *(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")))
+
+
+def setup_device(flag, local_rank=None):
+    """--device (auto, cpu, cuda, cuda:N) as a torch.device; under torchrun each rank takes cuda:local_rank.
+    A CUDA device is made current, with TF32 matmuls. UserError for a device this machine does not have."""
+    import torch
+    flag = ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
+    try:
+        device = torch.device(f"cuda:{local_rank}" if flag.startswith("cuda") and local_rank is not None else flag)
+    except RuntimeError:
+        raise UserError(f"--device={flag} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device={flag}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                            "use --device=cpu")
+        # set_device wants an index; plain "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={flag}: this machine or torch build has no MPS device; use --device=cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device={flag}: nanoXmodel runs on cpu, cuda or mps, not {device.type}")
+    return device
+
+
+def launch(device_flag, timeout=timedelta(minutes=10)):
+    """This process's Launch: its rank and device, with the process group started under torchrun (NCCL on CUDA,
+    gloo on CPU). A rank that waits longer than `timeout` in a collective fails."""
+    import torch.distributed as dist
+    ddp, rank, local_rank, world_size = distributed()
+    device = setup_device(device_flag, local_rank if ddp else None)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Launch(ddp, rank, local_rank, world_size, device)
+
+
+def finish(launch):
+    """End a launched run: every rank finishes its last collective, then the process group goes."""
+    import torch.distributed as dist
+    if launch.ddp and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

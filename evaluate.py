@@ -76,9 +76,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fp8
 import hf
 import prepare_data
-from cli import Parser, Range, flag, interruptible, str2bool
+from cli import Parser, Range, UserError, distributed, flag, interruptible, setup_device, str2bool
 from safeio import WriteError, make_dir, write_json
-from train import distributed, setup_device
 
 
 def fail(message):
@@ -779,7 +778,7 @@ def evaluate(args):
     ddp, rank, local, world = distributed()
     try:
         device = setup_device(args.device, local if ddp else None)
-    except ValueError as e:
+    except UserError as e:
         fail(str(e))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

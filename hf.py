@@ -62,6 +62,7 @@ from dataclasses import asdict, fields
 import torch
 
 import prepare_data
+from checkpoint import list_ckpts
 from cli import Parser, interruptible
 from model import GPT, GPTConfig, rope_cache
 from safeio import WriteError, atomic_write, make_dir, write_json
@@ -482,9 +483,8 @@ def save_pretrained(model, out_dir, format="xmodel", tokenizer=None, dtype=None)
 
 def _read_ckpt(path):
     """A train.py checkpoint (a ckpt_*.pt, or an --out_dir: its newest) -> (its dict, its GPTConfig)."""
-    import train  # lazily: it pulls in the optimizers and fp8
     if os.path.isdir(path):
-        found = train.list_ckpts(path)
+        found = list_ckpts(path)
         if not found:
             raise FileNotFoundError(f"no checkpoint in {path} (no ckpt_*.pt): not a train.py --out_dir")
         path = found[-1][1]
@@ -516,8 +516,7 @@ def load_checkpoint(path, device="cpu"):
 
 def _is_train_ckpt(path):
     if os.path.isdir(path):
-        import train
-        return bool(train.list_ckpts(path))
+        return bool(list_ckpts(path))
     return path.endswith(".pt")
 
 

@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import safeio  # noqa: E402
 import train  # noqa: E402
@@ -58,7 +59,7 @@ def error_line(r):
 
 
 def ckpt_steps(out_dir):
-    return [s for s, _ in train.list_ckpts(str(out_dir))]
+    return [s for s, _ in checkpoint.list_ckpts(str(out_dir))]
 
 
 def log_steps(out_dir):
@@ -70,7 +71,7 @@ def log_steps(out_dir):
 
 
 def final_model(out_dir):
-    step, path = train.list_ckpts(str(out_dir))[-1]
+    step, path = checkpoint.list_ckpts(str(out_dir))[-1]
     return step, torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
@@ -238,9 +239,9 @@ def test_divergence_names_a_checkpoint_that_resumes(data_dir, tmp_path, capsys):
     message = str(e.value.code)
     assert "diverged" in message and "stopped without saving" in message and "\n" not in message
     named = int(re.search(r"last good checkpoint is step (\d+)", message).group(1))
-    for step, path in train.list_ckpts(str(out)):  # every checkpoint written is sane
+    for step, path in checkpoint.list_ckpts(str(out)):  # every checkpoint written is sane
         model = torch.load(path, map_location="cpu", weights_only=False)["model"]
-        assert all(t.isfinite().all() and t.abs().max() < train.MAX_WEIGHT for t in model.values()), step
+        assert all(t.isfinite().all() and t.abs().max() < checkpoint.MAX_WEIGHT for t in model.values()), step
     # the named checkpoint resumes at a sane learning rate and learns
     res = run(data_dir, tmp_path / "again", *REF, "--max_iters=40", "--ckpt_interval=0", "--eval_interval=0",
               f"--resume={out / f'ckpt_{named:07d}.pt'}")
@@ -253,15 +254,15 @@ def test_diverged_refuses_exploded_and_nonfinite_state():
     opt = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     opt.step()
-    assert train.diverged(model, opt, 3.0, 320) is None
-    assert "loss" in train.diverged(model, opt, float("nan"), 320)
-    assert "loss" in train.diverged(model, opt, 2 * 5.8, 320)  # above 2 ln 320 = 11.54
+    assert checkpoint.diverged(model, opt, 3.0, 320) is None
+    assert "loss" in checkpoint.diverged(model, opt, float("nan"), 320)
+    assert "loss" in checkpoint.diverged(model, opt, 2 * 5.8, 320)  # above 2 ln 320 = 11.54
     next(iter(opt.state.values()))["exp_avg_sq"][0] = float("inf")
-    assert "not finite" in train.diverged(model, opt, 3.0, 320)
+    assert "not finite" in checkpoint.diverged(model, opt, 3.0, 320)
     next(iter(opt.state.values()))["exp_avg_sq"][0] = 0.0
     with torch.no_grad():
         model.blocks[0].mlp.down.weight[0, 0] = 1e6
-    assert "1e+06" in train.diverged(model, opt, 3.0, 320)
+    assert "1e+06" in checkpoint.diverged(model, opt, 3.0, 320)
 
 # -----------------------------------------------------------------------------
 # a full disk during a save
@@ -352,7 +353,7 @@ def test_a_second_ctrl_c_stops_at_once_and_loses_nothing(data_dir, tmp_path):
     assert p.returncode in (1, 130) and "Traceback" not in stdout + stderr, stderr
     assert re.search(r"interrupted; --resume continues from \S+ckpt_\d+\.pt|stopped by SIGINT", stdout + stderr)
     assert not list(out.glob("*.tmp"))
-    for _, path in train.list_ckpts(str(out)):
+    for _, path in checkpoint.list_ckpts(str(out)):
         torch.load(path, map_location="cpu", weights_only=False)  # every checkpoint left is whole
     assert train_process(data_dir, out, *LONG, "--resume").returncode == 0
 
@@ -392,11 +393,11 @@ def test_a_branch_into_another_runs_dir_is_refused_and_overwrite_replaces_that_r
     other, base = tmp_path / "other", tmp_path / "base"
     run(data_dir, other, *REF, "--keep_ckpts=2")  # checkpoints 8 (decay start) and 12 (the end) kept
     run(data_dir, base, *REF, "--max_iters=24", "--decay_iters=8", "--seed=7")
-    before = {p: open(p, "rb").read() for _, p in train.list_ckpts(str(other))}
+    before = {p: open(p, "rb").read() for _, p in checkpoint.list_ckpts(str(other))}
     with pytest.raises(SystemExit, match=rf"{re.escape(str(other))} holds another run \(checkpoint at step 12\); "
                                          r"branch \S+ckpt_0000015.pt into a new --out_dir, or pass --overwrite"):
         run(data_dir, other, *REF, "--max_iters=24", "--decay_iters=8", f"--resume={base / 'ckpt_0000015.pt'}")
-    assert {p: open(p, "rb").read() for _, p in train.list_ckpts(str(other))} == before
+    assert {p: open(p, "rb").read() for _, p in checkpoint.list_ckpts(str(other))} == before
     run(data_dir, other, *REF, "--max_iters=24", "--decay_iters=8", f"--resume={base / 'ckpt_0000015.pt'}",
         "--overwrite")
     assert ckpt_steps(other) == [16, 18, 21, 24] and log_steps(other) == list(range(15, 24))  # none of the old
