@@ -8,6 +8,8 @@ bench.py: how fast nanoXmodel trains, measured side by side with the alternative
     python bench.py --preset=nano --only=train --batch_size=16  # the 20M proxy
     python bench.py --quick          # CPU, about a minute: the cpu preset in fp32, eager (tests/ run it)
     python bench.py --profile        # + the kernels with the most device time in the AdamW steps
+    python bench.py --only=fp8       # one section: FP8 vs bf16 on the recipe's four block linears
+    python bench.py --only=ns --tune # Newton-Schulz and a Muon step, + the Triton kernel's tile configurations (GPU)
 
 Sections; each prints its rows and its ratios. A time is the median of --steps steps after --warmup, device
 synchronised; memory is the step's peak (torch.cuda.max_memory_allocated):
@@ -19,8 +21,9 @@ synchronised; memory is the step's peak (torch.cuda.max_memory_allocated):
          and Liger's fused linear cross-entropy alone; the whole step's peak memory with the plain and the
          chunked head, and the larger micro-batch the freed memory allows
   fp8    the recipe's four block linears, forward and backward: bf16, ours (weight cast once per step, or per
-         micro-batch), torchao's; their times and how many kernels each launches
-  ns     Newton-Schulz, the Triton kernel vs plain torch, at the recipe's shapes (muon.py)
+         micro-batch), torchao's; their times, back to back too (device time), and how many kernels each launches
+  ns     Newton-Schulz, the Triton kernel vs plain torch, at the recipe's shapes (muon.py); one Muon step over all
+         the matrices, torch vs Triton vs torch.optim.Muon; with --tune, the kernel's tile configurations
   data   batches/s from the memory-mapped shards, against the batches/s a training step consumes
   eval   scoring throughput: evaluate.py's built-in scorer vs lm-eval's own Hugging Face path (HFLM), same requests
 Compilation: "blocks" compiles each transformer block on its own (regional compilation: the kernels of whole-model
@@ -30,6 +33,7 @@ Optional packages, each needed only by its rows: transformers (hf, eval), torcha
 (head), lm-eval (eval).
 """
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -54,14 +58,24 @@ import fp8
 import hf
 import muon
 import prepare_data
-from cli import Parser, Range, flag, interruptible
+from cli import Parser, Range, flag, run_main
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
 from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
 from train import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
-# the 1.3B model's block linears (RECIPE.md section 1): fused QKV, attention out, fused gate+up, down
-RECIPE_LINEARS = [(1536, 2560), (1536, 1536), (1536, 7680), (3840, 1536)]
+
+
+def block_linears(preset):
+    """(in, out) of one transformer block's linears at a model preset: fused QKV, attention out, fused gate+up, down."""
+    with torch.device("meta"):  # shapes only
+        block = GPT(GPTConfig.from_preset(preset, n_layer=1)).blocks[0]
+    return [(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear)]
+
+
+# the 1.3B model's block linears (RECIPE.md section 1), read off the model: (1536, 2560), (1536, 1536),
+# (1536, 7680), (3840, 1536)
+RECIPE_LINEARS = block_linears("xmodel-2.5")
 # shape defaults per device: a GPU gets the real width, the whole model and 12 of its layers
 GPU_DEFAULTS = dict(preset="xmodel-2.5", layers="48,12", batch_size=4, seq_len=3712, steps=10, warmup=3)
 CPU_DEFAULTS = dict(preset="cpu", layers="", batch_size=8, seq_len=256, steps=3, warmup=1)
@@ -73,10 +87,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, steps, warmup):
-    """Median wall time of fn() in ms, after warm-up (compilation, autotuning, allocator growth)."""
+def median_ms(fn, device, steps, warmup, queued=False):
+    """Median wall time of fn() in ms, after warm-up (compilation, autotuning, allocator growth). queued: the steps
+    run back to back with one synchronisation around them all, so the host queues ahead and the mean is the device's
+    time, without the launch overhead a synchronised step shows."""
     for _ in range(warmup):
         fn()
+    if queued:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        return 1000 * (time.perf_counter() - t0) / steps
     times = []
     for _ in range(steps):
         sync(device)
@@ -453,10 +476,22 @@ def kernel_count(fn, device):
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def fp8_gpu(device):
+    """A GPU with FP8 tensor cores (fp8.check_device), where the FP8 rows measure what training would see."""
+    try:
+        fp8.check_device(device)
+    except ValueError:
+        return False
+    return device.type == "cuda"
+
+
 def bench_fp8(rows, args, device, dtype):
-    """The recipe's block linears, forward + backward under bf16 autocast: bf16, ours cached / uncached, torchao."""
+    """The recipe's block linears, forward + backward under bf16 autocast: bf16, ours cached / uncached, torchao;
+    each timed step by step (median) and back to back (the device's time, launch overhead hidden)."""
+    gpu_fp8 = fp8_gpu(device)
+    if not gpu_fp8 and device.type == "cuda":
+        device = torch.device("cpu")  # FP8 GEMMs only run on the CPU then: a sanity run
     cuda = device.type == "cuda"
-    gpu_fp8 = cuda and torch.cuda.get_device_capability() >= (8, 9)
     div, tokens = (1, args.batch_size * args.seq_len) if gpu_fp8 else (16, 256)
     print(f"\n== fp8: the recipe's block linears{'' if gpu_fp8 else ' / 16 (no FP8 GPU: CPU timings mean nothing)'}, "
           f"{tokens:,} tokens, forward + backward, {'compiled' if cuda else 'eager'} ==")
@@ -464,7 +499,7 @@ def bench_fp8(rows, args, device, dtype):
     variants = [base, "fp8 (weight cast once per step)", "fp8 (weight cast per micro-batch)"]
     why = missing("torchao") if gpu_fp8 else "needs an FP8 GPU"
     variants += [] if why else ["torchao fp8 (tensorwise)"]
-    total = {v: 0.0 for v in variants}
+    total, queued = {v: 0.0 for v in variants}, {v: 0.0 for v in variants}
     for k, n in [(k // div, n // div) for k, n in RECIPE_LINEARS]:
         fresh(device)
         linear = nn.Linear(k, n, bias=False, device=device)
@@ -489,31 +524,99 @@ def bench_fp8(rows, args, device, dtype):
                 with autocast(device, dtype):
                     run(x).float().square().mean().backward()  # a stand-in loss; its cost is the same for all
             ms = median_ms(step, device, args.steps * 5, args.warmup + 2)
+            q = median_ms(step, device, args.steps * 5, 1, queued=True)
             total[v] += ms
-            rows.add("fp8", f"{k}x{n}", v, ms, kernels=kernel_count(step, device))
+            queued[v] += q
+            rows.add("fp8", f"{k}x{n}", v, ms, kernels=kernel_count(step, device), queued_ms=q,
+                     note=f"back to back {q:.3f} ms")
     for v, t in total.items():
-        rows.add("fp8", "all four", v, t, note=f"{total[base] / t:.2f}x the speed of {base}" if v != base else "",
-                 ratio=total[base] / t)
+        note = f"back to back {queued[v]:.3f} ms" + (f"; {total[base] / t:.2f}x the speed of {base}, back to back "
+                                                      f"{queued[base] / queued[v]:.2f}x" if v != base else "")
+        rows.add("fp8", "all four", v, t, note=note, ratio=total[base] / t, queued_ms=queued[v])
     if why:
         rows.add("fp8", "", "torchao fp8 (tensorwise)", note=f"skipped: {why}")
 
 
+def triton_ok(device):
+    """The Triton kernel runs here (muon.check_triton: CUDA, or the interpreter) and triton is installed."""
+    try:
+        muon.check_triton(device)
+    except ValueError:
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
 def bench_ns(rows, args, device):
+    """Newton-Schulz alone at the recipe's shapes, then one Muon step over all the matrices, by each path; with
+    --tune, the Triton kernel's tile configurations."""
     cuda = device.type == "cuda"
     div = 1 if cuda else 8  # CPU: an eighth of each side, one matrix per shape
     layers = args.n_layer_ns or (48 if cuda else 1)
-    paths = {"torch": False, "triton": True} if cuda else {"torch": False}
+    paths = {"torch": False, "triton": True} if triton_ok(device) else {"torch": False}
     print(f"\n== ns: Newton-Schulz (5 steps) at the recipe's shapes{' / 8' if div > 1 else ''}, {layers} "
-          f"matrices each ==")
-    for rows_, cols in RECIPE_LINEARS:
-        G = torch.randn(layers, cols // div, rows_ // div, device=device)  # weights are (out, in)
+          f"matrices each{'' if cuda or len(paths) == 1 else ', Triton interpreted (its times are no speed)'} ==")
+    shapes = [(n // div, k // div) for k, n in RECIPE_LINEARS]  # weights are (out, in)
+    for shape in shapes:
+        G = torch.randn(layers, *shape, device=device)
         ms = {k: median_ms(lambda: muon.zeropower_via_newtonschulz(G, use_triton=v), device, args.steps, 2)
               for k, v in paths.items()}
         note = f"triton {ms['torch'] / ms['triton']:.2f}x torch" if "triton" in ms else \
             "(CPU: the Triton kernel needs a GPU; tests run it in the interpreter)"
-        rows.add("ns", str(tuple(G.shape[1:])), "torch", ms["torch"], note=note)
+        rows.add("ns", str(shape), "torch", ms["torch"], note=note)
         if "triton" in ms:
-            rows.add("ns", str(tuple(G.shape[1:])), "triton", ms["triton"], ratio=ms["torch"] / ms["triton"])
+            rows.add("ns", str(shape), "triton", ms["triton"], ratio=ms["torch"] / ms["triton"])
+    muon_step(rows, args, device, shapes, layers, paths)
+    if args.tune:
+        tune(rows, args, device, layers, div)
+
+
+def muon_step(rows, args, device, shapes, layers, paths):
+    """One optimizer step over `layers` matrices of each shape: our Muon by each path, and torch.optim.Muon."""
+    params = [nn.Parameter(torch.randn(*s, device=device) * 0.02) for s in shapes for _ in range(layers)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opts = {f"Muon step ({k})": muon.Muon([dict(name="hidden", params=params)], lr=1e-3, weight_decay=0.1,
+                                          use_triton=v) for k, v in paths.items()}
+    if hasattr(torch.optim, "Muon"):
+        opts["torch.optim.Muon step"] = torch.optim.Muon(params, lr=1e-3, weight_decay=0.1,
+                                                         adjust_lr_fn="match_rms_adamw")
+    print(f"  one Muon step over {len(params)} matrices:")
+    ms = {k: median_ms(o.step, device, args.steps, 2) for k, o in opts.items()}
+    base = ms["Muon step (torch)"]
+    for k, t in ms.items():
+        rows.add("ns", f"{len(params)} matrices", k, t, note=f"{base / t:.2f}x Muon step (torch)", ratio=base / t)
+
+
+# --tune: (output tile, k step, warps, stages) of the Triton kernel; muon.TRITON_BLOCKS and TRITON_LAUNCH are the first
+TUNE_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3),
+                (256, 64, 8, 3), (128, 64, 8, 5)]
+
+
+def tune(rows, args, device, layers, div):
+    """Each product of a Newton-Schulz step alone, per tile configuration, against torch (cuBLAS on a GPU): X X^T
+    of X as Newton-Schulz sees it (wide), of the same X stored transposed (the tall matrices), and b A + c A A."""
+    print(f"\n== ns --tune: the Triton kernel's tile configurations, {layers} matrices each, speed over torch ==")
+    for m, n in sorted({(min(s) // div, max(s) // div) for s in RECIPE_LINEARS}):
+        X = torch.randn(layers, m, n, device=device).bfloat16()
+        A = (X @ X.mT) / n
+        xt = X.mT.contiguous().mT  # the same X, stored transposed
+        ref = {"xxt": median_ms(lambda: X @ X.mT, device, args.steps, 2),
+               "poly": median_ms(lambda: torch.baddbmm(A, A, A, beta=-4.7, alpha=2.0), device, args.steps, 2)}
+        rows.add("ns", f"{m}x{n}", "torch X X^T", ref["xxt"])
+        rows.add("ns", f"{m}x{n}", "torch b A + c A A", ref["poly"])
+        for bm, bk, w, st in TUNE_CONFIGS:
+            kw = dict(block=bm, block_k=bk, launch=dict(num_warps=w, num_stages=st))
+            label = f"tile {bm}, k {bk}, {w} warps, {st} stages"
+            try:
+                t_x = median_ms(lambda: muon.sym_matmul(X, **kw), device, args.steps, 2)
+                t_t = median_ms(lambda: muon.sym_matmul(xt, **kw), device, args.steps, 2)
+                t_p = median_ms(lambda: muon.sym_poly(A, -4.7, 2.0, **kw), device, args.steps, 2)
+            except Exception as e:  # e.g. out of shared memory
+                rows.add("ns", f"{m}x{n}", label, note=f"failed: {(str(e).splitlines() or [type(e).__name__])[0][:80]}")
+                continue
+            rows.add("ns", f"{m}x{n}", label, t_x, tile=[bm, bk, w, st], ratio=ref["xxt"] / t_x,
+                     note=f"X X^T {ref['xxt'] / t_x:.2f}x, transposed X {ref['xxt'] / t_t:.2f}x, poly "
+                          f"{ref['poly'] / t_p:.2f}x")
 
 
 def bench_data(rows, args, device):
@@ -713,7 +816,7 @@ def run_sections(args, device, dtype, rows, budget_end=None, skipped=None):
         if i == 0:
             plan += [("head", 100 if big else 30, lambda c=config: bench_head(rows, args, device, dtype, c))]
     plan += [("fp8", 40, lambda: bench_fp8(rows, args, device, dtype)),
-             ("ns", 15, lambda: bench_ns(rows, args, device)), ("data", 5, lambda: bench_data(rows, args, device)),
+             ("ns", 30, lambda: bench_ns(rows, args, device)), ("data", 5, lambda: bench_data(rows, args, device)),
              ("eval", 60, lambda: bench_eval(rows, args, device, dtype, configs[-1]))]
     for name, seconds, call in plan:
         if name not in sections:
@@ -773,6 +876,7 @@ def get_args(argv=None):
     flag(p, "only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     flag(p, "device", default="auto")
     flag(p, "n_layer_ns", type=int, range=Range(1), help="matrices per shape in the ns section (default 48 on GPU)")
+    flag(p, "tune", action="store_true", help="ns section: time the Triton kernel's tile configurations (GPU)")
     flag(p, "profile", action="store_true", help="print the top kernels of the AdamW steps")
     flag(p, "data_dir", help="shards for the data section and the real run (default: the embedded corpus)")
     flag(p, "report_dir", default="bench_report", help="where --report writes report.json and report.md")
@@ -794,6 +898,15 @@ def get_args(argv=None):
             p.error(f"--device={args.device}: this machine (or this torch build) has no CUDA device")
     except RuntimeError as e:
         p.error(f"--device={args.device}: {str(e).splitlines()[0]}")
+    if args.tune:
+        if "ns" not in args.only.split(","):
+            p.error("--tune is an option of the ns section: add ns to --only")
+        try:
+            muon.check_triton(args.device, flag="--tune")
+        except ValueError as e:
+            p.error(str(e))
+        if importlib.util.find_spec("triton") is None:
+            p.error("--tune times the Triton kernel: triton is not installed")
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -808,7 +921,7 @@ def main(argv=None):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on a CPU
-    args.fp8 = cuda and torch.cuda.get_device_capability() >= (8, 9)
+    args.fp8 = fp8_gpu(device)
     first = shape_config(args, args.layer_list[0] if args.layer_list else None)
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench.py on {name}, torch {torch.__version__}: {args.preset} shape, layers {args.layers or first.n_layer}"
@@ -822,4 +935,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("bench.py", main, errors=(WriteError, prepare_data.DataError))
+    run_main("bench.py", main)

@@ -16,24 +16,23 @@ A GEMM always has at least one E4M3 operand: grad_input = grad_output(E5M2) @ W(
 grad_W = grad_output(E5M2)^T @ x(E4M3); E5M2 x E5M2 is not supported by the hardware and would lose too much.
 
 Per-tensor scaling. E4M3 covers only ~18 octaves (bf16 covers ~260), so values must be moved into its window
-first: much of a weight of std 0.02 would sit among the subnormals (E4M3's normals start at 2^-6 = 0.016),
-a gradient of 1e-6 would flush to zero. Each tensor
-gets one fp32 scale s = amax / fp8_max; it is stored as x8 = x / s (its largest value lands on 448 or 57344)
-and multiplied back inside the GEMM: y = (x8 @ w8) * s_x * s_w, which _scaled_mm does in its epilogue. s is a
-*dequantisation* scale, the form _scaled_mm takes. The casts saturate (clamp to +-fp8_max first): a plain cast
-turns an out-of-range value into NaN (E4M3 on CUDA) or inf (E5M2). An all-zero tensor gets s = 1.
+first: much of a weight of std 0.02 would sit among the subnormals (E4M3's normals start at 2^-6 = 0.016), a
+gradient of 1e-6 would flush to zero. Each tensor gets one fp32 scale s = amax / fp8_max; it is stored as
+x8 = x / s (its largest value lands on 448 or 57344) and multiplied back inside the GEMM: y = (x8 @ w8) * s_x * s_w,
+which _scaled_mm does in its epilogue. s is a *dequantisation* scale, the form _scaled_mm takes. The casts saturate
+(clamp to +-fp8_max first): a plain cast turns an out-of-range value into NaN (E4M3 on CUDA) or inf (E5M2). An
+all-zero tensor gets s = 1.
 
 Where amax comes from, two recipes (convert_to_fp8(recipe=...)), for the activations and the gradients:
-  current  this step's amax of the tensor itself: always in range, but the amax is a full reduction over
-           the tensor that must finish before its cast can start: two passes over it.
-  delayed  the recipe's (Transformer Engine's default): the max over an amax history of the last 128 steps,
-           kept per tensor (input, grad_output) in a rolling buffer; this step's amax only enters the history,
-           so the scale is known before the tensor is, and under torch.compile the amax, the cast and the
-           transposed copy below share one pass, fused into the kernel that produced the tensor (the norm, the
-           SwiGLU product). The price: a sudden outlier is clamped (saturated) for one step. A "step" is one
-           forward (backward) in training mode, i.e. one micro-batch, as in Transformer Engine; eval mode reads the
-           history only. An empty history (the first step) takes the current amax; whether a history is filled
-           is decided between steps, in Python (refresh), so compiled code has no branch on it.
+  current  this step's amax of the tensor itself: always in range, but a full reduction that must finish
+           before the cast can start: two passes over the tensor.
+  delayed  the recipe's (Transformer Engine's default): the max of the last 128 steps' amaxes, kept per tensor
+           (input, grad_output) in a rolling buffer. This step's amax only enters the history, so the scale is
+           known before the tensor is and, under torch.compile, the amax, the cast and the transposed copy below
+           share one pass, fused into the kernel that produced the tensor (the norm, the SwiGLU product); the
+           price: a sudden outlier saturates for one step. A step is one training-mode forward (backward), i.e. one
+           micro-batch, as in Transformer Engine; eval mode only reads. An empty history (the first step) takes the
+           current amax; whether one is filled is decided between steps, in Python (refresh): no compiled branch.
 The weights are different: they change only at optimizer.step(), so each is cast once per step (refresh: its
 current amax, no history needed, then E4M3 row-major and transposed) and that cast is reused by every
 gradient-accumulation micro-batch of the step, off the critical path of all but the first. Any optimizer step
@@ -41,15 +40,14 @@ marks the casts stale (a global hook); eager code also sees in-place edits throu
 The histories and casts are non-persistent buffers, so model.state_dict() is the same with and without FP8
 (checkpoints stay interchangeable); fp8_state_dict / load_fp8_state_dict carry the histories for exact resume.
 
-Layout. On Hopper, cuBLASLt's FP8 GEMM supports only the "TN" layout: both operands must have the inner (K)
-dimension contiguous. In PyTorch terms the first operand of _scaled_mm is row-major (M, K), the second
-column-major (K, N); inner and output dims are multiples of 16. The forward gets both for free (x is row-major,
-and W.t() of the row-major (N, K) weight is column-major); the two backward GEMMs need a K-major copy of each
-operand: the weight's comes with its cast once per step, the activation's (x8_t) is written by the forward next
-to x8 and the gradient's (g8_t) by the backward next to g8, one byte per element, in the same pass under
-torch.compile. CPU _scaled_mm (torch >= 2.8) checks none of this, so check_scaled_mm enforces the CUDA rules on
-every device: a CPU test catches what would only fail on the GPU. A token count that is not a multiple of 16
-(it is the inner dim of grad_W) is padded.
+Layout. On Hopper, cuBLASLt's FP8 GEMM takes only the "TN" layout, both operands K-contiguous: in PyTorch terms
+_scaled_mm's first operand is row-major (M, K), its second column-major (K, N); inner and output dims are multiples
+of 16. The forward gets both for free (x is row-major, W.t() of the row-major (N, K) weight column-major); the two
+backward GEMMs need a K-major copy of each operand: the weight's comes with its cast once per step, the
+activation's (x8_t) is written by the forward next to x8 and the gradient's by the backward next to g8, one byte
+per element, in the same pass under torch.compile. CPU _scaled_mm (torch >= 2.8) checks none of this, so
+check_scaled_mm enforces the CUDA rules on every device: a CPU test catches what would only fail on the GPU. A token
+count that is not a multiple of 16 (it is the inner dim of grad_W) is padded.
 
 What stays in high precision, as in the recipe: the embedding (a lookup, no GEMM), the tied output head (its
 logits feed the softmax and the loss directly), attention (softmax(QK^T)V in the bf16 flash kernel), norms,
@@ -59,18 +57,16 @@ dtype (bf16 on GPU), weight gradients in the weight's dtype (fp32), so DDP and t
 The claim: about +30% training throughput at 1.3B with no measurable quality loss. The block GEMMs run up to
 2x faster; attention, the head, the casts and everything else do not, hence ~1.3x end to end at 48 layers, where
 the block linears hold ~71% of the FLOPs (at 12 layers the 129k-vocabulary head holds a third: ~1.1x at best).
-That needs an H100 and torch.compile (eager, the extra amax and cast kernels eat the gain); `python fp8.py` and
-`python bench.py` measure it.
+That needs an H100 and torch.compile (eager, the extra amax and cast kernels eat the gain); bench.py measures it.
 
     python train.py --fp8                           # delayed scaling (the recipe's)
     python train.py --fp8 --fp8_recipe=current      # current scaling
-    python fp8.py                                   # FP8 vs bf16 on the recipe's linears (H100); bench.py: the step
+    python bench.py --only=fp8                      # FP8 vs bf16 on the recipe's linears (--only=train: the step)
     fp8.refresh(model)                              # once per optimizer step, before its first forward
     with fp8.disabled(model): ...                   # run the converted linears in high precision (evaluation)
 """
 
 import contextlib
-import time
 import weakref
 
 import torch
@@ -80,12 +76,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 HISTORY_LEN = 128  # amax history of delayed scaling (RECIPE.md section 5)
-# a GEMM with a side under 128 is too small to be compute-bound: the amax reductions and casts around it cost
-# more than FP8 saves. Every block linear of the 1.3B model is >= 1536 wide; the cpu preset (n_embd 128) converts.
+# a GEMM under 128 wide is not compute-bound: its amaxes and casts cost more than FP8 saves (1.3B: >= 1536; cpu: 128)
 MIN_FEATURES = 128
 RECIPES = ("delayed", "current")
-# the tensors delayed scaling keeps an amax history for. The weight needs none: it is cast once per optimizer
-# step (weight_casts), when its amax is known and no GEMM waits on it, so it always takes its current amax
+# the tensors delayed scaling keeps an amax history for; the weight is cast once per step at its current amax
 TENSORS = ("input", "grad_output")
 
 # -----------------------------------------------------------------------------
@@ -108,6 +102,14 @@ def to_fp8(x, scale, dtype):
 def push(history, amax):
     # roll the window: the oldest amax leaves at the front, this step's enters at the end (in place: a buffer)
     history.copy_(torch.cat([history[1:], amax.detach().float().view(1)]))
+
+
+def check_device(device):
+    """Raise ValueError on a GPU without FP8 tensor cores (a CPU runs _scaled_mm in software: tests, not speed)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                         f"{torch.cuda.get_device_name(device)} has none; drop --fp8")
 
 
 def check_scaled_mm(a, b, scale_a, scale_b):
@@ -142,10 +144,8 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum):
 
 class _Float8Matmul(torch.autograd.Function):
     """y = x @ w.T in E4M3 x E4M3; backward in E5M2 (grad) x E4M3 (saved operand), outputs in high precision.
-
-    w8 (N, K) and w8_t (K, N) are the weight's E4M3 casts, made once per optimizer step (weight_casts). Each
-    operand's K-major copy for the backward GEMMs is written next to its cast (x8_t here, g8_t in backward), so
-    under torch.compile one pass over the high-precision tensor makes both."""
+    w8 (N, K) and w8_t (K, N) are the weight's casts of this optimizer step (weight_casts); x8_t and the backward's
+    g8.t() are the K-major copies, made next to their casts (one pass under torch.compile)."""
 
     @staticmethod
     def forward(ctx, x, w, x_scale, w8, w8_t, w_scale, g_history, g_ready, out_dtype, update):
@@ -192,14 +192,10 @@ register_optimizer_step_post_hook(_weights_changed)
 
 
 class Float8Linear(nn.Linear):
-    """nn.Linear whose matmul runs in FP8 (module docstring). Same Parameters and state_dict keys as nn.Linear;
-    `enabled = False` (or fp8.disabled(model)) runs it as a plain high-precision nn.Linear.
-
-    The weight's E4M3 casts (w8, w8_t, w_scale: non-persistent buffers) are made by refresh() and reused until
-    the weight changes: any optimizer.step() marks them stale (a global hook), and in eager mode so does any
-    in-place change of the weight (its version counter). Eager forwards refresh by themselves; compiled code
-    cannot look at version counters, so call fp8.refresh(model) once per step before the first forward (train.py
-    does): without it a compiled forward casts the weight itself, every micro-batch, correct but slower."""
+    """nn.Linear whose matmul runs in FP8 (module docstring), with nn.Linear's Parameters and state_dict keys;
+    `enabled = False` (or fp8.disabled(model)) runs it in high precision. Eager forwards recast a stale weight
+    themselves; compiled code cannot see version counters, so call fp8.refresh(model) once per step before the
+    first forward (train.py does), or a compiled forward casts the weight every micro-batch, correct but slower."""
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, recipe="delayed",
                  history_len=HISTORY_LEN):
@@ -287,11 +283,9 @@ class Float8Linear(nn.Linear):
 
 
 def convert_to_fp8(model, recipe="delayed", history_len=HISTORY_LEN, min_features=MIN_FEATURES):
-    """Swap the nn.Linear modules inside model.blocks for Float8Linear, in place, sharing their Parameters.
-
-    Call before torch.compile and DDP. Embedding, tied head and attention stay in high precision. Returns
-    [(module name, reason)] for the block linears left in high precision (a dim not a multiple of 16 or under
-    min_features)."""
+    """Swap the nn.Linear modules inside model.blocks for Float8Linear, in place, sharing their Parameters. Call
+    before torch.compile and DDP. Returns [(module name, reason)] for the block linears left in high precision (a
+    dim not a multiple of 16 or under min_features); embedding, tied head and attention stay there too."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown fp8 recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     skipped = []
@@ -359,52 +353,3 @@ def load_fp8_state_dict(model, state):
                 n = min(len(h), len(saved))
                 h.zero_()
                 h[len(h) - n:] = saved[len(saved) - n:].to(h.device)
-
-# -----------------------------------------------------------------------------
-# benchmark: python fp8.py
-
-
-def benchmark(shapes, tokens, device, iters, warmup, compile=True):
-    print(f"forward+backward of one linear at {tokens} tokens, fp32 master weights under bf16 autocast, "
-          f"{iters} back-to-back after {warmup} warm-up (device time, not launch overhead), "
-          f"{'compiled' if compile else 'eager'}, {device}")
-    total = {"bf16": 0.0, "fp8": 0.0}
-    for k, n in shapes:
-        base = nn.Linear(k, n, bias=False, device=device)
-        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-        ms = {}
-        for label, layer in (("bf16", base), ("fp8", Float8Linear.from_linear(base))):
-            if label == "fp8":
-                layer.refresh()  # the weight's cast, as once per optimizer step: the micro-batches reuse it
-            step = torch.compile(layer) if compile else layer
-
-            def run():
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    step(x).float().square().mean().backward()  # a stand-in loss; its cost is the same for both
-            for _ in range(warmup):
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(iters):  # no sync in between: the host queues ahead, the GPU's time is measured
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ms[label] = 1000 * (time.perf_counter() - t0) / iters
-            total[label] += ms[label]
-        print(f"{k:>5} -> {n:<5}  bf16 {ms['bf16']:8.3f} ms   fp8 {ms['fp8']:8.3f} ms   fp8 speed-up "
-              f"{ms['bf16'] / ms['fp8']:.2f}x")
-    print(f"all four      bf16 {total['bf16']:8.3f} ms   fp8 {total['fp8']:8.3f} ms   fp8 speed-up "
-          f"{total['bf16'] / total['fp8']:.2f}x")
-
-
-if __name__ == "__main__":  # the whole training step, bf16 vs FP8 vs torchao at the model's shapes: bench.py
-    # the 1.3B model's block linears (RECIPE.md section 1): fused QKV, attention out, fused gate+up, down
-    RECIPE_SHAPES = [(1536, 2560), (1536, 1536), (1536, 7680), (3840, 1536)]
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
-        benchmark(RECIPE_SHAPES, 8192, torch.device("cuda"), iters=50, warmup=10)
-    else:
-        print("the FP8 figures need an FP8 GPU (H100-class, sm_89+); on this machine only a tiny sanity run, "
-              "whose timings mean nothing (a CPU has no FP8 units)")
-        benchmark([(k // 16, n // 16) for k, n in RECIPE_SHAPES], 256, torch.device("cpu"), iters=5, warmup=1,
-                  compile=False)

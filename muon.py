@@ -32,17 +32,13 @@ torchrun each rank orthogonalizes a share of the matrices and all-gathers the re
 
     opt = Muon(model.param_groups(weight_decay=0.1), lr=eta)  # fresh at the switch: no AdamW moments
     ...  # every step: group["lr"] = eta_t * group["lr_mult"]; loss.backward(); opt.step()
-
-    python muon.py              # benchmark at the recipe's shapes (CUDA), smaller ones on CPU
-    python muon.py --layers 8   # fewer layers per shape
+    python bench.py --only=ns [--tune]  # Newton-Schulz and a Muon step, Triton vs torch (--tune: its tiles, GPU)
 """
 from __future__ import annotations  # the kernel's tl.constexpr annotations stay unevaluated until triton loads
 
-import argparse
 import importlib.util
 import math
 import os
-import time
 from functools import lru_cache
 
 import torch
@@ -64,7 +60,7 @@ POLAR_EXPRESS = [
     (1.875, -1.25, 0.375),
 ]
 TRITON_BLOCKS = (128, 64)  # output tile and k step of the Triton kernel (tests shrink them)
-TRITON_LAUNCH = dict(num_warps=8, num_stages=3)  # for 128-wide tiles; `python muon.py --tune` times others
+TRITON_LAUNCH = dict(num_warps=8, num_stages=3)  # for 128-wide tiles; `bench.py --tune` times others
 
 
 def ns_coefficients(coeffs, steps):
@@ -135,6 +131,12 @@ def _kernel():
     import triton
     import triton.language as tl
     return triton.jit(_syrk_kernel)
+
+
+def check_triton(device, flag="--ns_triton=1"):
+    """Raise ValueError unless the Triton kernel can run on device: CUDA, or anywhere under the interpreter."""
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{flag} needs a CUDA device (or TRITON_INTERPRET=1, the Triton interpreter: slow); drop it")
 
 
 def _launch(X, poly, b=0.0, c=0.0, block=None, block_k=None, launch=None):
@@ -271,81 +273,3 @@ class Muon(torch.optim.Optimizer):
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
             p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-
-# -----------------------------------------------------------------------------
-# benchmark: python muon.py
-
-
-def _time(fn, repeats, cuda):
-    for _ in range(2):  # warm-up (and Triton's compile)
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="time Newton-Schulz and a Muon step at the recipe's shapes")
-    ap.add_argument("--layers", type=int, default=None, help="matrices per shape (default: 48 on CUDA, 2 on CPU)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up; the median is shown")
-    ap.add_argument("--tune", action="store_true", help="time the Triton kernel's tile configurations (GPU)")
-    args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    div = 1 if cuda else 8  # CPU: an eighth of each side
-    layers = args.layers or (48 if cuda else 2)
-    shapes = [(1536 // div, 1536 // div), (2560 // div, 1536 // div), (7680 // div, 1536 // div),
-              (1536 // div, 3840 // div)]  # attn out, QKV, gate+up, down
-    device = "cuda" if cuda else "cpu"
-    paths = {"torch": False, "triton": True} if cuda and importlib.util.find_spec("triton") else {"torch": False}
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {layers} layers, median of {args.repeats}")
-    if args.tune:  # each product alone, per tile config (block, block_k, warps, stages), vs cuBLAS
-        assert cuda, "--tune needs a GPU"
-        configs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3),
-                   (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 5)]
-        for rows, cols in [(1536, 1536), (1536, 2560), (1536, 3840), (1536, 7680)]:  # X as NS sees it, wide
-            X = torch.randn(layers, rows, cols, device=device).bfloat16()
-            A = (X @ X.mT) / cols
-            ref = {"xxt": _time(lambda: X @ X.mT, args.repeats, cuda),
-                   "poly": _time(lambda: torch.baddbmm(A, A, A, beta=-4.7, alpha=2.0), args.repeats, cuda)}
-            print(f"{(rows, cols)}: torch X X^T {ref['xxt']:.2f} ms, b A + c A A {ref['poly']:.2f} ms")
-            for bm, bk, w, st in configs:
-                kw = dict(block=bm, block_k=bk, launch=dict(num_warps=w, num_stages=st))
-                try:
-                    t_x = _time(lambda: sym_matmul(X, **kw), args.repeats, cuda)
-                    t_p = _time(lambda: sym_poly(A, -4.7, 2.0, **kw), args.repeats, cuda)
-                    xt = X.mT.contiguous().mT  # the same X, stored transposed (NS's tall matrices)
-                    t_t = _time(lambda: sym_matmul(xt, **kw), args.repeats, cuda)
-                    print(f"  tile {bm}x{bm}, k {bk}, {w} warps, {st} stages: X X^T {ref['xxt'] / t_x:.2f}x, "
-                          f"transposed X {ref['xxt'] / t_t:.2f}x, poly {ref['poly'] / t_p:.2f}x")
-                except Exception as e:  # e.g. out of shared memory
-                    print(f"  tile {bm}x{bm}, k {bk}, {w} warps, {st} stages: failed: {str(e).splitlines()[0][:80]}")
-        raise SystemExit
-    if not cuda:
-        print("CPU: torch path only, at 1/8 of the recipe's sides; the Triton figures need a GPU")
-    print(f"{'Newton-Schulz, 5 steps':28s}" + "".join(f"{k + ' ms':>12s}" for k in paths)
-          + (f"{'torch/triton':>14s}" if len(paths) > 1 else ""))
-    for shape in shapes:
-        G = torch.randn(layers, *shape, device=device)
-        ms = {k: _time(lambda: zeropower_via_newtonschulz(G, use_triton=v), args.repeats, cuda)
-              for k, v in paths.items()}
-        print(f"{str(shape):28s}" + "".join(f"{t:12.2f}" for t in ms.values())
-              + (f"{ms['torch'] / ms['triton']:14.2f}" if len(paths) > 1 else ""))
-    params = [torch.nn.Parameter(torch.randn(*s, device=device) * 0.02) for s in shapes for _ in range(layers)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opts = {f"Muon ({k})": Muon([dict(name="hidden", params=params)], lr=1e-3, weight_decay=0.1, use_triton=v)
-            for k, v in paths.items()}
-    if hasattr(torch.optim, "Muon"):
-        opts["torch.optim.Muon"] = torch.optim.Muon(params, lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-    ms = {k: _time(o.step, args.repeats, cuda) for k, o in opts.items()}
-    base = ms["Muon (torch)"]
-    print(f"one Muon step over {len(params)} matrices:")
-    for k, t in ms.items():
-        print(f"  {k:24s}{t:10.2f} ms{base / t:8.2f}x vs Muon (torch)")
