@@ -1,12 +1,10 @@
 """
 model.py: the Xmodel-2.5 architecture with muP, in one file.
 
-A Llama-style decoder (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU, no
-biases) with tied input/output embeddings and the maximal-update
-parameterization (muP) exactly as Xmodel-2 / Xmodel-2.5 use it
-(../shared/RECIPE.md section 2). muP is what lets the recipe tune its
-hyperparameters on a ~20M proxy (d_model 256) and reuse them at 1.3B
-(d_model 1536): with width multiplier m = d_model / base_width,
+A Llama-style decoder (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases) with tied input/output
+embeddings and the maximal-update parameterization (muP) exactly as Xmodel-2 / Xmodel-2.5 use it
+(../shared/RECIPE.md section 2). muP is what lets the recipe tune its hyperparameters on a ~20M proxy (d_model
+256) and reuse them at 1.3B (d_model 1536): with width multiplier m = d_model / base_width,
 
     embedding output      x = scale_emb * E[token]                    (12)
     hidden matrices init  N(0, init_std / sqrt(m))                     (0.1/sqrt(m))
@@ -15,9 +13,10 @@ hyperparameters on a ~20M proxy (d_model 256) and reuse them at 1.3B
     output logits         (h @ E^T) * output_scale / m                 (tied E)
     learning rates        embedding: eta, everything else: eta / m    (param_groups)
 
-Every multiplier is a GPTConfig field; `mup=False` freezes all width-dependent
-factors at their base-width value (m = 1) and uses 1/sqrt(d_head) attention,
-i.e. the standard parameterization one would get by scaling the proxy naively.
+Every multiplier is a GPTConfig field; `mup=False` freezes all width-dependent factors at their base-width value
+(m = 1) and uses 1/sqrt(d_head) attention, i.e. the standard parameterization one would get by scaling the proxy
+naively. Read bottom-up: the blocks, the muP config (GPTConfig, PRESETS), the model (GPT), then the supporting
+pieces (the KV cache, the chunked loss head, the GPU peaks for MFU).
 
     python -c "from model import *; print(GPT(GPTConfig.from_preset('nano')))"
 """
@@ -113,114 +112,8 @@ class Block(nn.Module):
         x = x + self.residual_scale * self.mlp(self.mlp_norm(x))
         return x
 
-
-class KVCache:
-    """The keys and values of the tokens seen so far, so generation runs one new token per step.
-
-    Preallocated per layer as (B, n_kv_head, max_len, head_dim), in the dtype the keys first come in (bf16 under
-    autocast). GPT.forward(idx, cache=c) runs idx at positions c.pos .. c.pos+T-1 (RoPE read at that offset),
-    appends its keys and values and advances c.pos. pad (B,) counts left-padding tokens per row: no query attends
-    to them, and since attention sees only relative positions, a left-padded row computes what it would alone.
-    """
-
-    def __init__(self, config, batch_size, max_len, pad=None):
-        if max_len > config.block_size:
-            raise ValueError(f"cache of {max_len} positions is longer than block_size={config.block_size}")
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = self.v = self.mask = None
-        self.pos, self.max_len, self.pad, self.causal = 0, max_len, pad, False
-
-    def prepare(self, T, device):
-        """The attention mask for the next T tokens, set once per forward and shared by every layer."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"{self.pos} cached + {T} new tokens overflow the cache of {self.max_len}")
-        # unpadded, two cases need no mask: a prompt from position 0 (plain causal) and one new token (sees all)
-        self.causal, self.mask = self.pad is None and self.pos == 0 and T > 1, None
-        if self.pad is not None or (self.pos > 0 and T > 1):
-            q = torch.arange(self.pos, self.pos + T, device=device)[:, None]
-            k = torch.arange(self.pos + T, device=device)
-            self.mask = k <= q  # causal with the queries offset by pos: (T, pos+T)
-            if self.pad is not None:  # a padding query still sees itself, so no softmax row is empty
-                self.mask = (self.mask & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, pos+T)
-
-    def update(self, layer, k, v):
-        if self.k is None:
-            self.k, self.v = k.new_empty(self.shape), v.new_empty(self.shape)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
 # -----------------------------------------------------------------------------
-# the loss head: tied output projection + cross-entropy, a chunk of tokens at a time
-
-# the fp32 logits one chunk may hold: 1 GiB is 2,076 tokens of the recipe's 129,280-token vocabulary (the whole
-# (tokens x vocab) matrix of a 4 x 3712-token micro-batch is 7.7 GB, its gradient and bf16 copy as much again)
-CE_CHUNK_BYTES = 2**30
-
-
-def chunk_rows(vocab_size):
-    return max(16, CE_CHUNK_BYTES // (4 * vocab_size) // 16 * 16)  # a multiple of 16: GEMM-friendly
-
-
-def _chunked_ce(h, w, targets, ignore_index, chunk, grads):
-    """Sum of cross-entropy(h @ w.T, targets) over targets != ignore_index, the count, and with grads=True the
-    gradients of that sum w.r.t. h and w. Matmuls in the autocast dtype (as F.linear would run them), softmax in
-    fp32; a chunk's logits are freed before the next chunk's exist."""
-    dev = h.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    hc, wc, acc = h.to(dt), w.to(dt), torch.promote_types(dt, torch.float32)  # (fp32, or fp64 in a test)
-    total = torch.zeros((), device=h.device, dtype=acc)
-    grad_h = torch.empty_like(hc) if grads else None
-    grad_w = torch.zeros(w.shape, device=w.device, dtype=acc) if grads else None
-    with torch.autocast(dev, enabled=False):
-        for i in range(0, h.size(0), chunk):
-            x, t = hc[i:i + chunk], targets[i:i + chunk]
-            logits = (x @ wc.t()).to(acc)
-            valid = t != ignore_index
-            t = t.clamp(min=0)  # (ignored rows: any index, masked out below)
-            lse = logits.logsumexp(-1)
-            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
-            if grads:  # d(loss)/d(logits) = softmax - onehot, in place of the logits
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(len(t), device=t.device), t] -= 1
-                g = g.mul_(valid[:, None]).to(dt)
-                grad_h[i:i + chunk] = g @ wc
-                grad_w += (g.t() @ x).to(acc)
-    return total, (targets != ignore_index).sum(), grad_h, grad_w
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    # the gradients are computed in the forward, chunk by chunk, while the chunk's logits exist (the loss is a
-    # scalar: backward only scales them), so no logits are kept or recomputed: 3 matmuls, as the plain head
-    @staticmethod
-    def forward(ctx, h, w, targets, ignore_index, chunk):
-        total, n, grad_h, grad_w = _chunked_ce(h, w, targets, ignore_index, chunk, grads=True)
-        ctx.save_for_backward(grad_h / n, grad_w / n)
-        ctx.dtypes = h.dtype, w.dtype
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
-
-
-def chunked_cross_entropy(h, w, targets, ignore_index=-1, chunk=None):
-    """F.cross_entropy(h @ w.T, targets, ignore_index=ignore_index) (mean over the targets kept) without ever holding
-    the (tokens x vocab) logits: h (N, d), w (V, d), targets (N,). Same loss and gradients as the plain head."""
-    chunk = chunk or chunk_rows(w.size(0))
-    if h.size(0) <= chunk:  # one chunk saves nothing: the plain head, whose fused kernels are faster
-        logits = F.linear(h, w)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
-                               ignore_index=ignore_index)
-    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-        return _ChunkedCrossEntropy.apply(h, w, targets, ignore_index, chunk)
-    total, n, _, _ = _chunked_ce(h, w, targets, ignore_index, chunk, grads=False)
-    return total / n
-
-# -----------------------------------------------------------------------------
-# config and presets
+# the muP config and presets
 
 
 @dataclass
@@ -290,8 +183,7 @@ class GPTConfig:
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
+        unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
         return cls(**{**PRESETS[name], **overrides}).validate()
@@ -305,20 +197,6 @@ PRESETS = {
     "xmodel-2.5": dict(n_layer=48, n_embd=1536, n_head=24, n_kv_head=8, mlp_hidden=3840, vocab_size=129280,
                        block_size=3712),
 }
-
-# dense bf16 tensor-core peaks (vendor data sheets), matched against torch.cuda.get_device_name;
-# the more specific names come first. Unknown devices get no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = [
-    ("GH200", 989e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12),
-]
-
-
-def peak_flops(device_name):
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
 
 # -----------------------------------------------------------------------------
 # the model
@@ -334,8 +212,7 @@ class GPT(nn.Module):
         cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # with targets: the loss by chunked_cross_entropy (returns no logits); False: logits + F.cross_entropy,
-        # the plain reference (train.py --chunked_loss=0)
+        # with targets: the loss by chunked_cross_entropy, no logits; False: the plain reference (--chunked_loss=0)
         self.chunked_loss = True
         self.reset_parameters()
 
@@ -378,14 +255,12 @@ class GPT(nn.Module):
         logits = F.linear(x, self.wte.weight)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def param_groups(self, weight_decay):
-        """The muP learning-rate groups: embedding at eta, hidden matrices and norm gains at eta/m.
-
-        Each group carries lr_mult (its LR relative to eta) for the scheduler; the names let an optimizer
-        treat the kinds differently (Muon takes the 2-D hidden matrices, AdamW the rest)."""
+        """The muP learning-rate groups: embedding at eta, hidden matrices and norm gains at eta/m. Each group
+        carries lr_mult (its LR relative to eta) for the scheduler; the names let an optimizer treat the kinds
+        differently (Muon takes the 2-D hidden matrices, AdamW the rest)."""
         m = self.config.width_mult
         emb, hidden, norms = [], [], []
         for name, p in self.named_parameters():
@@ -401,9 +276,8 @@ class GPT(nn.Module):
         return n if embedding else n - self.wte.weight.numel()
 
     def flops_per_token(self, seq_len):
-        # 6 flops per weight per token (fwd + bwd) for every matmul weight, counting the tied head once as a
-        # matmul (the lookup is free), plus attention's q.k and att.v: 6 * 2 * L * heads * head_dim * T
-        # (PaLM appendix B convention, no discount for the causal mask)
+        # 6 flops per token (fwd + bwd) per matmul weight, the tied head once (the lookup is free), plus attention's
+        # q.k and att.v: 6 * 2 * L * heads * head_dim * T (PaLM appendix B convention, no causal-mask discount)
         c = self.config
         matmul_params = sum(p.numel() for p in self.parameters() if p.dim() == 2)
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
@@ -417,12 +291,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pad=None, stop=None):
-        """Append max_new_tokens tokens to idx (B, T) and return it; temperature=0 is greedy.
-
-        use_cache=True runs the prompt once, then each new token against the KV cache. use_cache=False is the
-        reference: every step re-runs the whole context, cropped to block_size (a cached run does the same once
-        it outgrows block_size). pad (B,): left-padding tokens per row, to batch prompts of different lengths
-        (cache only). stop(new_tokens (B, t)) -> (B,) bool: stop early once it holds for every row."""
+        """Append max_new_tokens tokens to idx (B, T) and return it; temperature=0 is greedy. use_cache=True runs
+        the prompt once, then each new token against the KV cache. use_cache=False is the reference: every step
+        re-runs the whole context, cropped to block_size (a cached run does the same once it outgrows block_size).
+        pad (B,): left-padding tokens per row, to batch prompts of different lengths (cache only).
+        stop(new_tokens (B, t)) -> (B,) bool: stop early once it holds for every row."""
         B, T = idx.shape
         block_size = self.config.block_size
         if pad is not None and (not use_cache or T + max_new_tokens > block_size):
@@ -449,3 +322,119 @@ class GPT(nn.Module):
             if stop is not None and bool(stop(idx[:, T:]).all()):
                 break
         return idx
+
+# -----------------------------------------------------------------------------
+# supporting pieces: the KV cache (generate), the chunked loss head (forward), the GPU peaks (MFU)
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, so generation runs one new token per step: per layer
+    (B, n_kv_head, max_len, head_dim), in the dtype the keys first come in (bf16 under autocast).
+    GPT.forward(idx, cache=c) runs idx at positions c.pos .. c.pos+T-1 (RoPE read at that offset), appends its keys
+    and values and advances c.pos. pad (B,) counts left-padding tokens per row: no query attends to them, and as
+    attention sees only relative positions, a left-padded row computes what it would alone."""
+
+    def __init__(self, config, batch_size, max_len, pad=None):
+        if max_len > config.block_size:
+            raise ValueError(f"cache of {max_len} positions is longer than block_size={config.block_size}")
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = self.v = self.mask = None
+        self.pos, self.max_len, self.pad, self.causal = 0, max_len, pad, False
+
+    def prepare(self, T, device):
+        """The attention mask for the next T tokens, set once per forward and shared by every layer."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"{self.pos} cached + {T} new tokens overflow the cache of {self.max_len}")
+        # unpadded, two cases need no mask: a prompt from position 0 (plain causal) and one new token (sees all)
+        self.causal, self.mask = self.pad is None and self.pos == 0 and T > 1, None
+        if self.pad is not None or (self.pos > 0 and T > 1):
+            q = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+            k = torch.arange(self.pos + T, device=device)
+            self.mask = k <= q  # causal with the queries offset by pos: (T, pos+T)
+            if self.pad is not None:  # a padding query still sees itself, so no softmax row is empty
+                self.mask = (self.mask & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, pos+T)
+
+    def update(self, layer, k, v):
+        if self.k is None:
+            self.k, self.v = k.new_empty(self.shape), v.new_empty(self.shape)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# the loss head: tied output projection + cross-entropy, a chunk of tokens at a time. A chunk's fp32 logits may
+# hold CE_CHUNK_BYTES: 1 GiB is 2,076 tokens of the recipe's 129,280-token vocabulary (the whole (tokens x vocab)
+# matrix of a 4 x 3712-token micro-batch is 7.7 GB, its gradient and bf16 copy as much again)
+CE_CHUNK_BYTES = 2**30
+
+
+def chunk_rows(vocab_size):
+    return max(16, CE_CHUNK_BYTES // (4 * vocab_size) // 16 * 16)  # a multiple of 16: GEMM-friendly
+
+
+def _chunked_ce(h, w, targets, ignore_index, chunk, grads):
+    """Sum of cross-entropy(h @ w.T, targets) over targets != ignore_index, the count, and with grads=True the
+    gradients of that sum w.r.t. h and w. Matmuls in the autocast dtype (as F.linear would run them), softmax in
+    fp32; a chunk's logits are freed before the next chunk's exist."""
+    dev = h.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    hc, wc, acc = h.to(dt), w.to(dt), torch.promote_types(dt, torch.float32)  # (fp32, or fp64 in a test)
+    total = torch.zeros((), device=h.device, dtype=acc)
+    grad_h = torch.empty_like(hc) if grads else None
+    grad_w = torch.zeros(w.shape, device=w.device, dtype=acc) if grads else None
+    with torch.autocast(dev, enabled=False):
+        for i in range(0, h.size(0), chunk):
+            x, t = hc[i:i + chunk], targets[i:i + chunk]
+            logits = (x @ wc.t()).to(acc)
+            valid = t != ignore_index
+            t = t.clamp(min=0)  # (ignored rows: any index, masked out below)
+            lse = logits.logsumexp(-1)
+            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
+            if grads:  # d(loss)/d(logits) = softmax - onehot, in place of the logits
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=t.device), t] -= 1
+                g = g.mul_(valid[:, None]).to(dt)
+                grad_h[i:i + chunk] = g @ wc
+                grad_w += (g.t() @ x).to(acc)
+    return total, (targets != ignore_index).sum(), grad_h, grad_w
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    # the gradients are computed in the forward, chunk by chunk, while the chunk's logits exist (the loss is a
+    # scalar: backward only scales them), so no logits are kept or recomputed: 3 matmuls, as the plain head
+    @staticmethod
+    def forward(ctx, h, w, targets, ignore_index, chunk):
+        total, n, grad_h, grad_w = _chunked_ce(h, w, targets, ignore_index, chunk, grads=True)
+        ctx.save_for_backward(grad_h / n, grad_w / n)
+        ctx.dtypes = h.dtype, w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
+
+
+def chunked_cross_entropy(h, w, targets, ignore_index=-1, chunk=None):
+    """F.cross_entropy(h @ w.T, targets, ignore_index=ignore_index) (mean over the targets kept) without ever holding
+    the (tokens x vocab) logits: h (N, d), w (V, d), targets (N,). Same loss and gradients as the plain head."""
+    chunk = chunk or chunk_rows(w.size(0))
+    if h.size(0) <= chunk:  # one chunk saves nothing: the plain head, whose fused kernels are faster
+        logits = F.linear(h, w)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                               ignore_index=ignore_index)
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        return _ChunkedCrossEntropy.apply(h, w, targets, ignore_index, chunk)
+    total, n, _, _ = _chunked_ce(h, w, targets, ignore_index, chunk, grads=False)
+    return total / n
+
+
+# dense bf16 tensor-core peaks (vendor data sheets), matched against torch.cuda.get_device_name;
+# the more specific names come first. Unknown devices get no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = [("GH200", 989e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+                   ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
+
+
+def peak_flops(device_name):
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in device_name.lower()), None)
