@@ -37,8 +37,8 @@ import time
 
 import evaluate
 import train
-from cli import Parser, Range, flag, interruptible, split_words
-from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
+from cli import Parser, Range, UserError, flag, run_main, split_words
+from safeio import atomic_write, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
 ARMS = {
@@ -73,6 +73,10 @@ def paired(diffs):
     return dict(n=n, mean=mean, std=std, ci95=[lo, hi], excludes_zero=bool(lo > 0 or hi < 0))
 
 
+class AblationError(UserError):
+    """An ablation that cannot run as asked; one line that says what to change."""
+
+
 DONE = "ablation_run.json"  # in a run's out_dir once it has finished: the train.py flags it was made with
 
 
@@ -84,7 +88,7 @@ def train_run(argv, out_dir):
     try:
         with open(os.path.join(out_dir, "train.out"), "a") as f, contextlib.redirect_stdout(f):
             result = train.main([*argv, f"--out_dir={out_dir}"])
-    except SystemExit as e:
+    except SystemExit as e:  # (train.py's errors are cli.ErrorExits, whose code is their line: they pass on)
         if isinstance(e.code, int) and e.code > 128:  # train.py stopped at a signal, its checkpoint saved
             raise SystemExit(f"ablation.py: stopped by a signal in {out_dir}; the same command continues (finished "
                              f"arms are kept, an unfinished one runs again)") from None
@@ -264,7 +268,10 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    return run_main("ablation.py", ablate, get_args(argv))
+
+
+def ablate(args):
     base_argv = args.train_flags + ([f"--device={args.device}"] if args.device != "auto" else [])
     sched = train.parse_args(base_argv)  # the schedule every run shares (and a bad flag fails here, once)
     args.decay_iters = sched.decay_iters
@@ -272,8 +279,8 @@ def main(argv=None):
         train.parse_args([*base_argv, *arm_flags(arm, args)])
     decay_at, end = (train.decay_start(sched), train.total_iters(sched))
     if args.branch == "decay" and decay_at == 0:
-        raise SystemExit("ablation.py: error: the decay starts at step 0, so there is no stable phase to share; "
-                         "give --train_args a --max_iters above --decay_iters")
+        raise AblationError("the decay starts at step 0, so there is no stable phase to share; give --train_args a "
+                            "--max_iters above --decay_iters")
     t0 = time.time()
     print(f"ablation: arms {', '.join(args.arm_list)} (control {args.arm_list[0]}), seeds {args.seeds}, branch at "
           f"{'the decay start, step ' + str(decay_at) if args.branch == 'decay' else 'step 0'} of {end}; "
@@ -295,4 +302,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("ablation.py", main, errors=(WriteError,))
+    main()

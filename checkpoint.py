@@ -1,13 +1,23 @@
 """
 checkpoint.py: a run that can always continue.
 
-Everything train.py needs so that a run, however it ends (a kill, a full disk, a diverged loss, a second run
-started into the same directory), leaves checkpoints that resume it bit-for-bit: the out_dir lock, the resume
-and branch checks, atomic saves that refuse a diverged state, pruning that keeps the decay's start and end, and
-signals that finish the step and save. It never decides the schedule, the switch or the model: train.py does.
+train.py decides what to train (the schedule, the switch, the model); this file makes sure that however a run
+ends (a kill, a full disk, a diverged loss, a second run started into the same directory) it leaves checkpoints
+that continue it bit-for-bit. One object, Run, owns that life:
+
+    with Run(args, launch, log, keep_steps) as run:  # makes and locks --out_dir; Ctrl-C / SIGTERM now stop cleanly
+        start = run.start(model, train_loader, config, tokenizer, end)   # resume --resume's checkpoint, or refuse
+        ...                                                              # to replace an earlier run without --overwrite
+        loss, stopping = run.agree(loss)             # the step's mean loss; whether any rank was asked to stop
+        run.check_finite(step, loss, grad_norm)      # a non-finite step stops every rank, without saving
+        run.save(step, model, optimizer, opt_kind, probe, best_val, tokens_seen)   # refuses a diverged state
+        run.log(entry)                               # log.jsonl, kept in step with the checkpoints
+
+Under torchrun, the methods marked collective must be called by every rank, in the same order.
 """
 
 import glob
+import json
 import math
 import os
 import random
@@ -15,18 +25,216 @@ import re
 import signal
 import sys
 import threading
-from contextlib import contextmanager
-from dataclasses import fields
+from collections import namedtuple
+from contextlib import ExitStack
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import fp8
+from cli import UserError, all_mean
 from model import GPTConfig
-from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, remove_temp_files
-
+from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, read_jsonl, remove_temp_files, \
+    rewrite_jsonl, write_json
 
 CKPT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot continue this run, or a run this one would silently replace."""
+
+
+class Diverged(UserError):
+    """The run diverged: it stopped without saving the bad state; the message names the last good checkpoint."""
+
+
+# where a run starts: step 0, or a checkpoint's state (the optimizer's, for train.py to load into the one it builds)
+Start = namedtuple("Start", "step best_val tokens_seen optimizer_name optimizer_state")
+
+
+class Run:
+    """One training run's life in --out_dir: lock, resume, save, log, stop. It never decides the schedule, the
+    switch or the model: train.py tells it the steps whose checkpoints pruning keeps (keep_steps)."""
+
+    def __init__(self, args, launch, log, keep_steps=()):
+        self.args, self.launch, self.print = args, launch, log
+        self.keep_steps = keep_steps
+        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        self.last_saved = None  # the newest good checkpoint's step, named when the run diverges
+        self.stale = []  # --overwrite: the replaced run's checkpoints, deleted once this run's first one is safe
+
+    def __enter__(self):
+        """Collective. Make and lock --out_dir for the life of the run (a second run into it is refused; the lock
+        goes with its process, however it ends), and take SIGINT/SIGTERM: finish the step, save, exit."""
+        self.stack = ExitStack()
+        self.lock = None
+        error = None
+        if self.launch.master:
+            try:
+                make_dir(self.args.out_dir, "--out_dir")
+                self.lock = FileLock(os.path.join(self.args.out_dir, ".lock"), "train.py run").acquire()
+                self.stack.callback(self.lock.release)
+                remove_temp_files(self.args.out_dir)  # a run killed mid-save left a checkpoint-sized one
+            except WriteError as e:
+                error = str(e)
+            except LockError as e:
+                error = f"{e}; wait for it to end, or use another --out_dir"
+        if self.launch.ddp:  # every rank stops if rank 0 could not lock
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            self.stack.close()
+            raise CheckpointError(error)
+        self.signals = self.stack.enter_context(StopRequest())
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def start(self, model, train_loader, config, tokenizer, end):
+        """Collective. Where the run starts. With --resume: the checkpoint it names (refused, in one line, if it
+        cannot continue this run) loaded into model, loader and RNG. Without: step 0, refused if --out_dir holds a
+        run (unless --overwrite). The log is trimmed to the start step; config.json written."""
+        args = self.args
+        self.model_config, self.tokenizer, self.train_loader = config, tokenizer, train_loader
+        ckpts, branched = list_ckpts(args.out_dir), self.branches()
+        start = Start(0, None, 0, None, None)
+        if args.resume:
+            ckpt = self.checkpoint_to_resume(ckpts, config, tokenizer)
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as e:  # missing, unexpected or misshapen weights: a checkpoint of another model.py
+                detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+                raise CheckpointError(f"the checkpoint's weights do not fit this model ({detail}); start a new run "
+                                      f"with another --out_dir") from None
+            if args.fp8 and ckpt.get("fp8") is not None:  # delayed scaling's amax histories
+                fp8.load_fp8_state_dict(model, ckpt["fp8"])
+            if args.long_context and ckpt["args"].get("data_dir") != args.data_dir:  # e.g. long documents
+                self.print(f"the long-context phase reads {args.data_dir} from its start")
+            else:
+                train_loader.load_state_dict(ckpt["train_loader"])
+            set_rng_state(ckpt["rng"])
+            start = Start(ckpt["step"], ckpt["best_val"], ckpt.get("tokens_seen"), ckpt["optimizer_name"],
+                          ckpt["optimizer"])
+            self.last_saved = ckpt["step"]
+            del ckpt
+        elif ckpts and not args.overwrite:
+            raise CheckpointError(f"{args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); pass "
+                                  f"--resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
+        self.stale = [p for s, p in ckpts if s > start.step or branched] if args.overwrite else []
+        if self.launch.master:
+            write_json(os.path.join(args.out_dir, "config.json"), {"args": vars(args), "model": asdict(config)},
+                       indent=1)
+            # keep the log consistent with the checkpoint: drop entries the resumed run will write again;
+            # atomically, so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, goes)
+            if start.step < end:  # (a finished run's log stays as it is)
+                entries, torn = read_jsonl(self.log_path) if start.step > 0 and not branched else ([], 0)
+                rewrite_jsonl(self.log_path, [e for e in entries if e.get("step", math.inf) < start.step])
+                if torn:
+                    self.print(f"{self.log_path}: dropped {torn} unreadable line(s), a write torn by a crash")
+            else:
+                self.print(f"the run already reached step {end}; raise --max_iters (or --stop_after, "
+                           f"--long_context) to train further")
+        return start
+
+    def branches(self):
+        """Whether --resume names another run's checkpoint: a branch (an ablation arm, the long-context phase)
+        that starts its own out_dir."""
+        args = self.args
+        return args.resume not in ("", "auto") and \
+            os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) != os.path.realpath(args.out_dir)
+
+    def checkpoint_to_resume(self, ckpts, config, tokenizer):
+        """The checkpoint --resume names, refused if it cannot continue this run; what changed since is logged."""
+        args = self.args
+        path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+        if path is None or not os.path.exists(path):
+            raise CheckpointError(f"no checkpoint to resume at {path or args.out_dir}; drop --resume to start a new "
+                                  f"run")
+        if os.path.isdir(path):
+            raise CheckpointError(f"--resume={path} is a directory; give a checkpoint file, or --out_dir={path} "
+                                  f"--resume for its newest")
+        if self.branches() and ckpts and not args.overwrite:  # its pruning and log would mix with that run's
+            raise CheckpointError(f"{args.out_dir} holds another run (checkpoint at step {ckpts[-1][0]}); branch "
+                                  f"{path} into a new --out_dir, or pass --overwrite to replace that run")
+        ckpt = load_ckpt(path, config, tokenizer, longer_context=bool(args.long_context))
+        later = [s for s, _ in ckpts if s > ckpt["step"]]
+        if later and not args.overwrite:
+            raise CheckpointError(f"{args.out_dir} holds later checkpoints (step {later[-1]}) than {path}; branch "
+                                  f"into a new --out_dir, or pass --overwrite to replace them")
+        # legitimate but not silent: a new batch size or world size (the recipe doubles its batch), a new schedule
+        saved = dict(ckpt["args"], world_size=ckpt.get("world_size"))
+        now = dict(vars(args), world_size=self.launch.world_size)
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k) is not None
+                   and saved[k] != v and k not in ("resume", "overwrite", "out_dir", "dry_run")]
+        self.print(f"resumed from {path} at step {ckpt['step']}" + ("; changed since it was saved: "
+                                                                   + ", ".join(changed) if changed else ""))
+        return ckpt
+
+    def agree(self, loss):
+        """Collective. The step's loss averaged over ranks, and whether any rank was asked to stop (so that all
+        stop after the same step): one all-reduce."""
+        stop = torch.tensor(float(self.signals.signal is not None), device=loss.device)
+        stats = all_mean(torch.stack([loss, stop]))
+        return stats[0].item(), stats[1].item() > 0
+
+    def check_finite(self, step, loss, grad_norm):
+        """A non-finite loss or gradient stops the run before the optimizer step (the loss is the all-reduced one,
+        so every rank stops together)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.diverged(step, f"loss {loss}, gradient norm {grad_norm}")
+
+    def diverged(self, step, problem):
+        where = f"the last good checkpoint is step {self.last_saved} in {self.args.out_dir} (--resume)" \
+            if self.last_saved else "no checkpoint was written yet"
+        raise Diverged(f"the run diverged at step {step}: {problem}; stopped without saving; {where}; try a lower "
+                       f"--lr or --grad_clip")
+
+    def save(self, step, model, optimizer, opt_kind, probe_loss, best_val, tokens_seen):
+        """Collective. Save the state after `step` steps, or stop the run instead if diverged() objects on any rank;
+        a failed write on rank 0 stops every rank (the earlier checkpoints stay intact)."""
+        problem = diverged(model, optimizer, probe_loss, self.model_config.vocab_size)
+        if all_mean(torch.tensor(float(problem is not None), device=self.launch.device)).item() > 0:
+            self.diverged(step, problem or "on another rank")
+        error = None
+        if self.launch.master:
+            state = dict(version=CKPT_VERSION, step=step, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), optimizer_name=opt_kind,
+                         model_config=asdict(self.model_config), args=vars(self.args), tokenizer=self.tokenizer,
+                         train_loader=self.train_loader.state_dict(), rng=rng_state(), best_val=best_val,
+                         tokens_seen=tokens_seen, world_size=self.launch.world_size,
+                         fp8=fp8.fp8_state_dict(model) if self.args.fp8 else None)
+            try:
+                path = save_ckpt(state, self.args.out_dir, self.args.keep_ckpts, self.keep_steps, self.stale)
+                self.print(f"saved {path}")
+                self.stale.clear()
+            except WriteError as e:
+                error = f"{e}; the earlier checkpoints are intact: free some space, then --resume"
+        if all_mean(torch.tensor(float(error is not None), device=self.launch.device)).item() > 0:
+            raise CheckpointError(error or "rank 0 could not write a checkpoint")
+        self.last_saved = step
+
+    def log(self, entry):
+        """Append one entry to log.jsonl (rank 0)."""
+        if self.launch.master:
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as e:
+                raise WriteError(f"cannot append to {self.log_path} ({e.strerror}); the checkpoints are intact: fix "
+                                 f"it, then --resume") from None
+
+    def stop(self, step):
+        """After the checkpoint of a stop request: say how to go on, and exit with 128 + the signal's number."""
+        name = self.signals.signal.name if self.signals.signal else "a signal to another rank"
+        self.print(f"train.py: stopped by {name}; saved step {step}: --resume continues from it")
+        raise SystemExit(128 + (self.signals.signal or signal.SIGINT))
+
+# -----------------------------------------------------------------------------
+# the pieces: checkpoint files, the divergence test, RNG state, signals
 
 
 def list_ckpts(out_dir):
@@ -93,13 +301,6 @@ def diverged(model, optimizer, loss, vocab_size):
     return None
 
 
-def stop_diverged(step, problem, last_saved, out_dir):
-    where = f"the last good checkpoint is step {last_saved} in {out_dir} (--resume)" if last_saved else \
-        "no checkpoint was written yet"
-    raise SystemExit(f"train.py: error: the run diverged at step {step}: {problem}; stopped without saving; {where}; "
-                     f"try a lower --lr or --grad_clip")
-
-
 CKPT_KEYS = ("step", "model", "optimizer", "optimizer_name", "model_config", "args", "tokenizer", "train_loader",
              "rng", "best_val")
 
@@ -112,18 +313,18 @@ def load_ckpt(path, config, tokenizer, longer_context=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # 8 ranks, one copy in RAM
         assert isinstance(ckpt, dict) and ckpt.get("version") == CKPT_VERSION
     except Exception as e:
-        raise SystemExit(f"train.py: error: cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not "
                          f"from this version of train.py; {older}")
     missing = [k for k in CKPT_KEYS if k not in ckpt or ckpt[k] is None and k != "best_val"]  # (None: no eval yet)
     if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_config"], dict):
-        raise SystemExit(f"train.py: error: {path} lacks {', '.join(missing) or 'a model state_dict'}: it can be "
+        raise CheckpointError(f"{path} lacks {', '.join(missing) or 'a model state_dict'}: it can be "
                          f"scored (evaluate.py --ckpt) but not resumed; {older}")
     unknown = sorted(set(ckpt["model_config"]) - {f.name for f in fields(GPTConfig)})
     if unknown:
-        raise SystemExit(f"train.py: error: {path} comes from a newer model.py (model fields {', '.join(unknown)}); "
+        raise CheckpointError(f"{path} comes from a newer model.py (model fields {', '.join(unknown)}); "
                          f"update nanoXmodel to resume it")
     if not all(t.isfinite().all() for t in ckpt["model"].values() if torch.is_tensor(t) and t.is_floating_point()):
-        raise SystemExit(f"train.py: error: {path} holds weights that are not finite (NaN or inf): it cannot "
+        raise CheckpointError(f"{path} holds weights that are not finite (NaN or inf): it cannot "
                          f"train further; {older}")
     diff = [f"{k}: checkpoint {v!r}, now {getattr(config, k)!r}" for k, v in ckpt["model_config"].items()
             if getattr(config, k) != v and not (k == "block_size" and longer_context and v < config.block_size)]
@@ -132,7 +333,7 @@ def load_ckpt(path, config, tokenizer, longer_context=False):
     if ckpt["tokenizer"] != tokenizer:
         diff.append(f"tokenizer: checkpoint {ckpt['tokenizer']!r}, data {tokenizer!r}")
     if diff:
-        raise SystemExit(f"train.py: error: {path} was trained with another config ({'; '.join(diff)}); "
+        raise CheckpointError(f"{path} was trained with another config ({'; '.join(diff)}); "
                          f"pass the same model flags and data, or start a new run with another --out_dir")
     return ckpt
 
@@ -160,39 +361,6 @@ def load_optimizer_state(optimizer, state):
         group.update(hyper)
 
 
-def branches(args):
-    """Whether --resume names another run's checkpoint: a branch (an ablation arm, the long-context phase) that
-    starts its own out_dir."""
-    return args.resume not in ("", "auto") and \
-        os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) != os.path.realpath(args.out_dir)
-
-
-def resume_checkpoint(args, ckpts, config, meta, world_size, log):
-    """The checkpoint --resume names, refused if it cannot continue this run; what changed since it is logged."""
-    path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
-    if path is None or not os.path.exists(path):
-        raise SystemExit(f"train.py: error: no checkpoint to resume at {path or args.out_dir}; "
-                         f"drop --resume to start a new run")
-    if os.path.isdir(path):
-        raise SystemExit(f"train.py: error: --resume={path} is a directory; give a checkpoint file, or "
-                         f"--out_dir={path} --resume for its newest")
-    if branches(args) and ckpts and not args.overwrite:  # its pruning and log would mix with, and delete, that run
-        raise SystemExit(f"train.py: error: {args.out_dir} holds another run (checkpoint at step {ckpts[-1][0]}); "
-                         f"branch {path} into a new --out_dir, or pass --overwrite to replace that run")
-    ckpt = load_ckpt(path, config, meta["tokenizer"], longer_context=bool(args.long_context))
-    later = [s for s, _ in ckpts if s > ckpt["step"]]
-    if later and not args.overwrite:
-        raise SystemExit(f"train.py: error: {args.out_dir} holds later checkpoints (step {later[-1]}) than "
-                         f"{path}; branch into a new --out_dir, or pass --overwrite to replace them")
-    # legitimate but not silent: a new batch size or world size (the recipe doubles its batch), a new schedule
-    saved, now = dict(ckpt["args"], world_size=ckpt.get("world_size")), dict(vars(args), world_size=world_size)
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k) is not None and saved[k] != v
-               and k not in ("resume", "overwrite", "out_dir", "dry_run")]
-    log(f"resumed from {path} at step {ckpt['step']}" + ("; changed since it was saved: " + ", ".join(changed)
-                                                         if changed else ""))
-    return ckpt
-
-
 class StopRequest:
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler taking the node back) asks the run to stop: it finishes the step,
     saves a checkpoint and exits with 128 + the signal's number. A second signal interrupts at once."""
@@ -214,30 +382,3 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self.old.items():
             signal.signal(s, handler)
-
-
-@contextmanager
-def run_dir(args, master, ddp):
-    """--out_dir, made and locked by rank 0 for the life of the run, so a second run into it is refused (the lock
-    goes with its process, however it ends: a crashed run never blocks the next); every rank stops if that fails."""
-    lock, error = None, None
-    if master:
-        try:
-            make_dir(args.out_dir, "--out_dir")
-            lock = FileLock(os.path.join(args.out_dir, ".lock"), "train.py run").acquire()
-            remove_temp_files(args.out_dir)  # a run killed mid-save left a checkpoint-sized one
-        except WriteError as e:
-            error = str(e)
-        except LockError as e:
-            error = f"{e}; wait for it to end, or use another --out_dir"
-    if ddp:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise SystemExit(f"train.py: error: {error}")
-    try:
-        yield
-    finally:
-        if lock:
-            lock.release()

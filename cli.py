@@ -127,17 +127,6 @@ def run_main(prog, main, *args, on_interrupt=None):
     except UserError as e:
         raise fail(prog, e) from None
 
-
-def interruptible(prog, main, errors=()):  # (the scripts move to run_main, whose errors are every UserError)
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except errors as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-
 # -----------------------------------------------------------------------------
 # launch: torchrun's environment -> this process's device and process group (train.py, evaluate.py, bench.py)
 
@@ -185,6 +174,14 @@ def launch(device_flag, timeout=timedelta(minutes=10)):
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Launch(ddp, rank, local_rank, world_size, device)
+
+
+def all_mean(x):
+    """Collective: x averaged over the ranks, in place (as it is in one process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.AVG)
+    return x
 
 
 def finish(launch):

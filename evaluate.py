@@ -76,12 +76,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fp8
 import hf
 import prepare_data
-from cli import Parser, Range, UserError, distributed, flag, interruptible, setup_device, str2bool
+import cli
+from cli import Parser, Range, UserError, flag, run_main, str2bool
 from safeio import WriteError, make_dir, write_json
 
 
-def fail(message):
-    raise SystemExit(f"evaluate.py: error: {message}")
+class EvalError(UserError):
+    """An evaluation that cannot run as asked (a task file, a checkpoint, a flag that does not fit the model), in one
+    line that says what to do."""
 
 # -----------------------------------------------------------------------------
 # tasks: one small function per task turns a dataset row into a Doc, as lm-eval 0.4.13's yaml does
@@ -215,9 +217,9 @@ def to_doc(name, row, where):
             raise ValueError(f"answer {doc.gold} is not one of the {len(doc.prompts) * len(doc.answers)} options")
         return doc
     except KeyError as e:
-        fail(f"{where}: no field {e} ({name} rows need {TASKS[name].fields})")
+        raise EvalError(f"{where}: no field {e} ({name} rows need {TASKS[name].fields})") from None
     except (ValueError, TypeError, AttributeError, IndexError) as e:
-        fail(f"{where}: bad {name} row ({e}); rows need {TASKS[name].fields}")
+        raise EvalError(f"{where}: bad {name} row ({e}); rows need {TASKS[name].fields}") from None
 
 
 def read_jsonl(name, path):
@@ -229,13 +231,16 @@ def read_jsonl(name, path):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        fail(f"{path} line {i}: not valid JSON ({e.msg})")
+                        raise EvalError(f"{path} line {i}: not valid JSON ({e.msg})") from None
                     if not isinstance(row, dict):
-                        fail(f"{path} line {i}: not a JSON object")
+                        raise EvalError(f"{path} line {i}: not a JSON object")
                     docs.append(to_doc(name, row, f"{path} line {i}"))
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path} ({prepare_data._first_line(e)}); it should be UTF-8 text, a JSON object a line")
-    return docs or fail(f"{path} holds no rows")
+        raise EvalError(f"cannot read {path} ({prepare_data._first_line(e)}); it should be UTF-8 text, a JSON object "
+                        "a line") from None
+    if not docs:
+        raise EvalError(f"{path} holds no rows")
+    return docs
 
 
 def hub_split(name, split):
@@ -245,12 +250,14 @@ def hub_split(name, split):
         import datasets
         rows = datasets.load_dataset(dataset, config, split=split)
     except ImportError:
-        fail("tasks from the hub need the datasets package (pip install datasets), or use --data_dir")
+        raise EvalError("tasks from the hub need the datasets package (pip install datasets), or use "
+                        "--data_dir") from None
     except Exception as e:
         if offline:
-            fail(f"{name}: {dataset} is not in the local datasets cache and the Hugging Face hub cannot be reached; "
-                 f"put {name}.jsonl in a dir and pass --data_dir=DIR (layout: the docstring of evaluate.py)")
-        fail(f"{name}: could not load {dataset} {split}: {prepare_data._first_line(e)}")
+            raise EvalError(f"{name}: {dataset} is not in the local datasets cache and the Hugging Face hub cannot be "
+                            f"reached; put {name}.jsonl in a dir and pass --data_dir=DIR (layout: the docstring of "
+                            "evaluate.py)") from None
+        raise EvalError(f"{name}: could not load {dataset} {split}: {prepare_data._first_line(e)}") from None
     return [to_doc(name, row, f"{dataset} {split} row {i}") for i, row in enumerate(rows)]
 
 
@@ -261,7 +268,7 @@ def load_docs(name, data_dir, shots):
         return hub_split(name, task.split), hub_split(name, task.pool) if shots and task.pool else None
     path, pool = os.path.join(data_dir, f"{name}.jsonl"), os.path.join(data_dir, f"{name}.fewshot.jsonl")
     if not os.path.isfile(path):
-        fail(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
+        raise EvalError(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
     return read_jsonl(name, path), read_jsonl(name, pool) if shots and os.path.isfile(pool) else None
 
 
@@ -280,13 +287,15 @@ def fewshot_contexts(name, docs, pool, shots, limit=None, seed=1234):
         elif shots:
             extra = own or TASKS[name].sampler == "random+1"
             if shots + extra > len(pool):
-                fail(f"{name}: {shots} few-shot examples asked, the pool has {len(pool)} rows; lower --num_fewshot")
+                raise EvalError(f"{name}: {shots} few-shot examples asked, the pool has {len(pool)} rows; lower "
+                                "--num_fewshot")
             picked = rnd.sample(pool, shots + extra)
             if extra:  # drop the item; if copies of it left too few, draw again from the rest (the harness's rule)
                 picked = [p for p in picked if p.row != d.row][:shots]
                 picked = picked if len(picked) == shots else rnd.sample([p for p in pool if p.row != d.row], shots)
         if len(picked) < shots:
-            fail(f"{name}: fewer than {shots} few-shot examples for subject {d.group!r}; lower --num_fewshot")
+            raise EvalError(f"{name}: fewer than {shots} few-shot examples for subject {d.group!r}; lower "
+                            "--num_fewshot")
         out.append(d.desc + "".join(example(p) + "\n\n" for p in picked))
     return out
 
@@ -358,7 +367,7 @@ def loglikelihoods(env, pairs, shard=True, desc="scoring"):
     rows = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not 0 < len(cont) <= T:
-            fail(f"a continuation of {len(cont)} tokens does not fit block_size={T}")
+            raise EvalError(f"a continuation of {len(cont)} tokens does not fit block_size={T}")
         rows.setdefault(tuple((ctx + cont)[-(T + 1):-1]), []).append(i)
     order = sorted(rows, key=len, reverse=True)
     order = order[env.rank::env.world] if shard else order
@@ -401,10 +410,12 @@ def finish(tok, ids, until):
 
 def check_gen_toks(max_gen_toks, block_size, what="max_gen_toks"):
     """Generation keeps the last block_size - max_gen_toks tokens of a prompt: refuse a value that leaves none (the
-    harness refuses it too), naming the largest that works."""
+    harness refuses it too), naming the largest that works. The refusal ends the script, already as its ErrorExit:
+    generate_until is also called from outside main (lm-eval's loop, tests)."""
     if max_gen_toks >= block_size:
-        fail(f"{what}={max_gen_toks} leaves no room for the prompt in this model's block_size={block_size}: the "
-             f"largest that works is {block_size - 1} (a prompt keeps its last block_size - max_gen_toks tokens)")
+        raise cli.fail("evaluate.py", EvalError(
+            f"{what}={max_gen_toks} leaves no room for the prompt in this model's block_size={block_size}: the largest "
+            f"that works is {block_size - 1} (a prompt keeps its last block_size - max_gen_toks tokens)"))
 
 
 @torch.no_grad()
@@ -486,7 +497,8 @@ def validation(env, args, data_dir):
     byte = total nats / (ln 2 * UTF-8 bytes of the scored targets' text), comparable across tokenizers."""
     meta = prepare_data.read_meta(data_dir)
     if meta["tokenizer"] != env.tok.name:
-        fail(f"{data_dir} is tokenized with {meta['tokenizer']}, the model with {env.tok.name}; pass --data_dir")
+        raise EvalError(f"{data_dir} is tokenized with {meta['tokenizer']}, the model with {env.tok.name}; pass "
+                        "--data_dir")
     B, T = args.val_batch_size, env.model.config.block_size
     loader = prepare_data.TokenLoader(data_dir, "val", env.rank, env.world)
     loader.check_fits(B, T)
@@ -583,13 +595,13 @@ def harness_task_config(name, data_dir):
     try:
         from lm_eval.tasks._yaml_loader import load_yaml
     except ImportError:
-        fail("--harness with --data_dir needs lm-eval >= 0.4.10: pip install -U lm-eval")
+        raise EvalError("--harness with --data_dir needs lm-eval >= 0.4.10: pip install -U lm-eval") from None
     if name not in HARNESS_YAML:
-        fail(f"--harness with --data_dir runs {', '.join(HARNESS_YAML)}; {name} only from the hub")
+        raise EvalError(f"--harness with --data_dir runs {', '.join(HARNESS_YAML)}; {name} only from the hub")
     cfg, task = load_yaml(os.path.join(os.path.dirname(lm_eval.tasks.__file__), HARNESS_YAML[name])), TASKS[name]
     path, pool = os.path.join(data_dir, f"{name}.jsonl"), os.path.join(data_dir, f"{name}.fewshot.jsonl")
     if not os.path.isfile(path):
-        fail(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
+        raise EvalError(f"no {path}; --data_dir holds <task>.jsonl files (layout: the docstring of evaluate.py)")
     splits = {k: cfg.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")}
     if os.path.isfile(pool):
         files = {task.split: path, task.pool or "train": pool}
@@ -627,12 +639,12 @@ def run_harness(env, args, names):
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        fail("--harness needs lm-evaluation-harness: pip install lm-eval")
+        raise EvalError("--harness needs lm-evaluation-harness: pip install lm-eval") from None
     manager, lm, results = TaskManager(include_defaults=not args.data_dir), harness_model(env, args.max_gen_toks), {}
     for name in [] if args.data_dir else names:  # every task checked before any runs
         if name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=1)
-            fail(f"lm-eval has no task {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise EvalError(f"lm-eval has no task {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
     tasks = [harness_task_config(name, args.data_dir) for name in names] if args.data_dir else names
     for name, task in zip(names, tasks):
         shots = args.num_fewshot  # else ours (RECIPE.md section 6), else the paper's, else the task's own
@@ -644,8 +656,9 @@ def run_harness(env, args, names):
                                               task_manager=manager,
                                               confirm_run_unsafe_code=args.confirm_run_unsafe_code)
         except OSError as e:  # datasets' ConnectionError and DatasetNotFoundError are OSErrors
-            fail(f"--harness {name}: " + ("not in the local datasets cache, and the hub cannot be reached; put "
-                 f"{name}.jsonl in a dir and pass --data_dir=DIR" if offline else prepare_data._first_line(e)))
+            raise EvalError(f"--harness {name}: " + (
+                "not in the local datasets cache, and the hub cannot be reached; put "
+                f"{name}.jsonl in a dir and pass --data_dir=DIR" if offline else prepare_data._first_line(e))) from None
         if env.rank == 0:
             res = {k.replace(",none", ""): v for k, v in out["results"][name].items()
                    if "," in k and isinstance(v, (int, float))}
@@ -665,26 +678,28 @@ def load_model(args, device):
         try:
             model, spec = hf.load_pretrained(args.init_from, device="cpu", dtype=None)
         except (ImportError, OSError, ValueError) as e:  # OSError covers ConnectionError and FileNotFoundError
-            fail(f"--init_from={args.init_from}: {e}")
+            raise EvalError(f"--init_from={args.init_from}: {e}") from None
         name, where = args.tokenizer or spec, args.init_from
         if not name:
-            fail(f"{args.init_from} has no tokenizer.json; name one with --tokenizer=")
+            raise EvalError(f"{args.init_from} has no tokenizer.json; name one with --tokenizer=")
     else:
         where = args.ckpt or "out"
         if not os.path.exists(where):
-            fail(f"no checkpoint at {where}; pass --ckpt=OUT_DIR or --ckpt=PATH/ckpt_N.pt, or --init_from=HF_DIR")
+            raise EvalError(f"no checkpoint at {where}; pass --ckpt=OUT_DIR or --ckpt=PATH/ckpt_N.pt, or "
+                            "--init_from=HF_DIR")
         try:
             model, name, run_args = hf.load_checkpoint(where)
         except (OSError, ValueError) as e:
-            fail(f"{e}; train one with train.py, or pass --ckpt=PATH/ckpt_N.pt")
+            raise EvalError(f"{e}; train one with train.py, or pass --ckpt=PATH/ckpt_N.pt") from None
         name, args.ckpt_data_dir = args.tokenizer or name, run_args.get("data_dir")
     if not all(p.isfinite().all() for p in model.parameters()):  # every score would be NaN
-        fail(f"{where} holds weights that are not finite (NaN or inf); evaluate an earlier checkpoint "
-             f"(--ckpt=PATH/ckpt_N.pt)")
+        raise EvalError(f"{where} holds weights that are not finite (NaN or inf); evaluate an earlier checkpoint "
+                        f"(--ckpt=PATH/ckpt_N.pt)")
     tok = prepare_data.get_tokenizer(name)
     if tok.vocab_size > model.config.vocab_size:  # its ids would index past the embedding
-        fail(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens, more than the model's {model.config.vocab_size:,}: "
-             f"not the model's tokenizer; drop --tokenizer or pass the one it was trained with")
+        raise EvalError(f"tokenizer {tok.name} has {tok.vocab_size:,} tokens, more than the model's "
+                        f"{model.config.vocab_size:,}: not the model's tokenizer; drop --tokenizer or pass the one it "
+                        "was trained with")
     return model.to(device).eval(), tok, where
 
 
@@ -715,8 +730,8 @@ def resolve_tasks(args):
             out.append(n)
         else:
             close = difflib.get_close_matches(n, list(TASKS) + list(ALIASES) + ["val", "paper", "all"], n=1)
-            fail(f"unknown task {n!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                 + f"; tasks: {', '.join(TASKS)}, val, paper, all")
+            raise EvalError(f"unknown task {n!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                            + f"; tasks: {', '.join(TASKS)}, val, paper, all")
     return list(dict.fromkeys((["val"] if args.val else []) + out))
 
 
@@ -764,24 +779,16 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)  # flags out of their range: one line here
-    try:
-        return evaluate(args)
-    except prepare_data.DataError as e:
-        fail(str(e))
+    return run_main("evaluate.py", evaluate, args)
 
 
 def evaluate(args):
     names = resolve_tasks(args)
     if args.data_dir and not os.path.isdir(args.data_dir):  # else --val would score other data without a word
-        fail(f"--data_dir={args.data_dir}: no such directory (it holds <task>.jsonl files or prepare_data.py's "
-             "token shards)")
-    ddp, rank, local, world = distributed()
-    try:
-        device = setup_device(args.device, local if ddp else None)
-    except UserError as e:
-        fail(str(e))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        raise EvalError(f"--data_dir={args.data_dir}: no such directory (it holds <task>.jsonl files or "
+                        "prepare_data.py's token shards)")
+    run = cli.launch(args.device)  # under torchrun: this rank's device, and the process group
+    device, rank, world = run.device, run.rank, run.world_size
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     args.ckpt_data_dir = None
@@ -795,7 +802,8 @@ def evaluate(args):
         idx = torch.tensor([[tok.eot] + tok.encode(args.prompt)], device=device)
         with inference(env):
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)[0, idx.size(1):].tolist()
-        return print(args.prompt + finish(tok, out, [])[0])
+        print(args.prompt + finish(tok, out, [])[0])
+        return cli.finish(run)
     T = model.config.block_size
     if args.max_gen_toks is None:  # the harness's 256, unless that would crowd out the prompt of a small model
         args.max_gen_toks = min(GEN_TOKS, T // 2)
@@ -804,19 +812,18 @@ def evaluate(args):
     if "gsm8k" in names or args.harness and any(n not in TASKS for n in names):  # generation: before any scoring
         check_gen_toks(args.max_gen_toks, T, "--max_gen_toks")
     out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
-    try:  # before evaluating, so that a bad --out costs no run
-        make_dir(os.path.dirname(os.path.abspath(out)), "--out")
-    except WriteError as e:
-        fail(str(e))
+    make_dir(os.path.dirname(os.path.abspath(out)), "--out")  # before evaluating, so that a bad --out costs no run
     if os.path.isdir(out):
-        fail(f"--out={out} is a directory; name the results file, e.g. --out={os.path.join(out, 'results.json')}")
+        raise EvalError(f"--out={out} is a directory; name the results file, e.g. "
+                        f"--out={os.path.join(out, 'results.json')}")
     results = {}
     if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data (docstring)
         own = args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json"))
         shards = args.data_dir if own else args.ckpt_data_dir or prepare_data.DEFAULT_DATA_DIR
         if not os.path.isfile(os.path.join(shards, "meta.json")):  # e.g. a relative training path, run elsewhere
             tried = " or ".join(dict.fromkeys(filter(None, (args.data_dir, shards))))
-            fail(f"--val: no token shards (meta.json) in {tried}; pass --data_dir=<the dir prepare_data.py wrote>")
+            raise EvalError(f"--val: no token shards (meta.json) in {tried}; "
+                            "pass --data_dir=<the dir prepare_data.py wrote>")
         if args.data_dir and not own and rank == 0:
             print(f"val: {args.data_dir} has no token shards (meta.json); scoring the val split of the checkpoint's "
                   f"training data, {shards}")
@@ -833,13 +840,11 @@ def evaluate(args):
             write_json(out, dict(model=where, tokenizer=tok.name, results=results, paper_xmodel_2_5=paper,
                                  args=vars(args)), indent=1)
         except WriteError as e:
-            fail(f"{e}; the scores are in the table above")
+            raise WriteError(f"{e}; the scores are in the table above") from None
         print(f"wrote {out}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    cli.finish(run)
     return results
 
 
 if __name__ == "__main__":
-    interruptible("evaluate.py", main)
+    main()

@@ -57,15 +57,16 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 
 import prepare_data
 from checkpoint import list_ckpts
-from cli import Parser, interruptible
+from cli import Parser, UserError, run_main
 from model import GPT, GPTConfig, rope_cache
-from safeio import WriteError, atomic_write, make_dir, write_json
+import safeio
+from safeio import atomic_write, make_dir, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what an Xmodel config.json that leaves a field out means (the Xmodel-2.5 HF config class's defaults)
@@ -78,14 +79,22 @@ XMODEL_MAPPED = {"n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden", "voca
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json"]
 
+
+class InteropError(UserError, ValueError):
+    """A checkpoint, config or tokenizer hf.py cannot read, map or write as asked, in one line that names the file
+    or field. (A ValueError too, for code that calls hf.py as a library.)"""
+
+
+WriteError = safeio.WriteError  # what save_pretrained raises for a failed write, here as hf.WriteError
+
 # -----------------------------------------------------------------------------
 # configs
 
 
 def config_from_xmodel(cfg):
-    """An Xmodel config.json (a dict) -> GPTConfig; ValueError naming the field for what model.py cannot be."""
+    """An Xmodel config.json (a dict) -> GPTConfig; InteropError naming the field for what model.py cannot be."""
     def refuse(field, why):
-        raise ValueError(f"config.json {field}={cfg.get(field)!r}: {why}")
+        raise InteropError(f"config.json {field}={cfg.get(field)!r}: {why}")
     get = lambda k: cfg.get(k, XMODEL_DEFAULTS.get(k))
     if cfg.get("model_type") != "xmodel":
         refuse("model_type", "only Xmodel checkpoints (model_type 'xmodel') map onto model.py")
@@ -124,7 +133,7 @@ def config_from_xmodel(cfg):
             base_width=int(get("mup_base_width")), init_std=float(get("initializer_range")), **scales,
             **extra).validate()
     except (ValueError, TypeError) as e:  # (TypeError: a field of the wrong type, e.g. a string for a size)
-        raise ValueError(f"config.json: {e}") from None
+        raise InteropError(f"config.json: {e}") from None
     m = cfg.get("mup_width_multiplier")  # the release's config class lets this field override the width's own
     if mup and m is not None and not (isinstance(m, (int, float))
                                       and math.isclose(m, config.width_mult, rel_tol=1e-6)):
@@ -137,9 +146,9 @@ def xmodel_config(config):
     """GPTConfig -> an Xmodel config.json dict (config_from_xmodel's inverse)."""
     c = config
     if not c.mup and not (c.scale_emb == 1 and c.output_scale == 1 and math.isclose(c.residual_scale, 1)):
-        raise ValueError(f"xmodel format: this mup=False model has multipliers (scale_emb={c.scale_emb}, "
-                         f"output_scale={c.output_scale}, residual scale {c.residual_scale:g}) that Xmodel's "
-                         "use_mup=false cannot express; export it with format=llama, which folds them in")
+        raise InteropError(f"xmodel format: this mup=False model has multipliers (scale_emb={c.scale_emb}, "
+                           f"output_scale={c.output_scale}, residual scale {c.residual_scale:g}) that Xmodel's "
+                           "use_mup=false cannot express; export it with format=llama, which folds them in")
     return dict(
         architectures=["XmodelForCausalLM"], model_type="xmodel", vocab_size=c.vocab_size, hidden_size=c.n_embd,
         intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
@@ -203,7 +212,7 @@ def hf_tensors(model, fold=False, dtype=None):
 
 
 def state_dict_from_hf(tensors, config):
-    """{Llama name: tensor} -> model.py's state_dict, fusing q/k/v and gate/up; ValueError on any mismatch."""
+    """{Llama name: tensor} -> model.py's state_dict, fusing q/k/v and gate/up; InteropError on any mismatch."""
     table = layout(config)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
@@ -211,21 +220,21 @@ def state_dict_from_hf(tensors, config):
     ignored = {n for n in tensors if n.endswith("rotary_emb.inv_freq")} | {"lm_head.weight"}  # derived, or tied
     missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names - ignored)
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) config.json implies, e.g. {missing[0]}; "
-                         "the download is incomplete or config.json is not this checkpoint's")
+        raise InteropError(f"checkpoint lacks {len(missing)} tensor(s) config.json implies, e.g. {missing[0]}; "
+                           "the download is incomplete or config.json is not this checkpoint's")
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} tensor(s) model.py has no place for, e.g. "
-                         f"{unexpected[0]}; it is another architecture")
+        raise InteropError(f"checkpoint has {len(unexpected)} tensor(s) model.py has no place for, e.g. "
+                           f"{unexpected[0]}; it is another architecture")
     parts = {}
     for name, key, rows, _ in table:
         want = (shapes[key][0] if rows is None else rows.stop - rows.start, *shapes[key][1:])
         if tuple(tensors[name].shape) != want:
-            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config.json implies {want}")
+            raise InteropError(f"{name} has shape {tuple(tensors[name].shape)}, config.json implies {want}")
         parts.setdefault(key, []).append(tensors[name])
     head = tensors.get("lm_head.weight")
     if head is not None and not torch.equal(head, tensors["model.embed_tokens.weight"]):
-        raise ValueError("lm_head.weight differs from model.embed_tokens.weight although config.json ties them; "
-                         "model.py has one tied matrix, so this checkpoint cannot be loaded as it is")
+        raise InteropError("lm_head.weight differs from model.embed_tokens.weight although config.json ties them; "
+                           "model.py has one tied matrix, so this checkpoint cannot be loaded as it is")
     return {key: torch.cat(p) if len(p) > 1 else p[0] for key, p in parts.items()}
 
 
@@ -263,7 +272,7 @@ def _merges(ranks):
         while len(parts) > 2:
             r, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
             if r >= rank:
-                raise ValueError(f"tiktoken token {token!r} is no merge of lower-ranked ones; not a BPE vocabulary")
+                raise InteropError(f"tiktoken token {token!r} is no merge of lower-ranked ones; not a BPE vocabulary")
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append(tuple(parts))
@@ -286,7 +295,10 @@ def hf_tokenizer(spec):
         path = _tokenizer_json(spec)
         text = _read_text(path) if path else tok.tok.to_str()  # a hub id: as tokenizers loaded it
         side = os.path.join(os.path.dirname(path), "tokenizer_config.json") if path else ""
-        extra = json.loads(_read_text(side)) if os.path.isfile(side) else {}  # its chat template, its own class
+        try:
+            extra = json.loads(_read_text(side)) if os.path.isfile(side) else {}  # its chat template, its own class
+        except ValueError as e:
+            raise InteropError(f"{side} is not valid JSON ({e}); repair or remove it") from None
         eos = tok.tok.id_to_token(tok.eot)
     else:
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -334,8 +346,8 @@ def _read_weights(d):
                 with open(os.path.join(d, index)) as f:
                     files = sorted(set(json.load(f)["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{os.path.join(d, index)} is not a weight index ({type(e).__name__}: {e}): the "
-                                 f"download is incomplete or damaged") from None
+                raise InteropError(f"{os.path.join(d, index)} is not a weight index ({type(e).__name__}: {e}): the "
+                                   f"download is incomplete or damaged") from None
         elif os.path.isfile(os.path.join(d, single)):
             files = [single]
         else:
@@ -349,8 +361,8 @@ def _read_weights(d):
                 tensors.update(_safetensors().load_file(path) if name.endswith(".safetensors")
                                else torch.load(path, map_location="cpu", weights_only=True))
             except Exception as e:  # a truncated download: safetensors' "header too small", a zip error, ...
-                raise ValueError(f"cannot read {path} ({prepare_data._first_line(e)}): the file is incomplete or "
-                                 f"damaged; download it again") from None
+                raise InteropError(f"cannot read {path} ({prepare_data._first_line(e)}): the file is incomplete or "
+                                   f"damaged; download it again") from None
         return tensors
     raise FileNotFoundError(f"{d} has no weights: model.safetensors, model-*.safetensors with "
                             "model.safetensors.index.json, or pytorch_model.bin")
@@ -391,12 +403,12 @@ def _read_config(d):
         with open(path) as f:
             config = json.load(f)
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the download is incomplete or damaged") from None
+        raise InteropError(f"{path} is not valid JSON ({e}): the download is incomplete or damaged") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a model config")
+        raise InteropError(f"{path} holds a JSON {type(config).__name__}, not a model config")
     if {"args", "model"} <= set(config):  # train.py's own config.json
-        raise ValueError(f"{d} is a train.py run, not a Hugging Face checkpoint: continue it with train.py --resume "
-                         f"(--out_dir={d}), branch from it with --resume=PATH, score it with evaluate.py --ckpt={d}")
+        raise InteropError(f"{d} is a train.py run, not a Hugging Face checkpoint: continue it with train.py --resume "
+                           f"(--out_dir={d}), branch from it with --resume=PATH, score it with evaluate.py --ckpt={d}")
     return config
 
 
@@ -404,7 +416,7 @@ def _dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+        raise InteropError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -428,6 +440,16 @@ def load_pretrained(path_or_id, device="cpu", dtype=None):
     tok = os.path.join(d, "tokenizer.json")
     return model, (f"hf:{tok}" if os.path.isfile(tok) else None)
 
+
+
+def init_from(path_or_id, block_size, tokenizer, data_dir, log=print):
+    """train.py --init_from: (config, weights) of an Xmodel-format checkpoint, the config with the run's block_size
+    (a release says 131072; the weights do not depend on it). A tokenizer other than the data's is a warning."""
+    pretrained, shipped = load_pretrained(path_or_id)
+    if shipped is not None and shipped != tokenizer:
+        log(f"warning: {path_or_id} ships {shipped}; {data_dir} was tokenized with {tokenizer}: the two must be "
+            f"the same tokenizer (prepare_data.py --tokenizer={shipped})")
+    return replace(pretrained.config, block_size=block_size).validate(), pretrained.state_dict()
 
 def _read_text(path):
     with open(path, encoding="utf-8") as f:
@@ -456,7 +478,7 @@ def save_pretrained(model, out_dir, format="xmodel", tokenizer=None, dtype=None)
     for wrapper in ("_orig_mod", "module"):  # torch.compile, then DDP: train.py wraps the model in both
         model = getattr(model, wrapper, model)
     if format not in ("xmodel", "llama"):
-        raise ValueError(f"format {format!r}: choose xmodel or llama")
+        raise InteropError(f"format {format!r}: choose xmodel or llama")
     cfg = xmodel_config(model.config) if format == "xmodel" else llama_config(model.config)
     tok = hf_tokenizer(tokenizer) if tokenizer else None  # before any write: one that cannot be made costs nothing
     tensors = hf_tensors(model, fold=format == "llama", dtype=_dtype(dtype))
@@ -493,13 +515,16 @@ def _read_ckpt(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a train.py checkpoint (torch.load: {type(e).__name__})") from None
+        raise InteropError(f"{path} is not a train.py checkpoint (torch.load: {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "tokenizer"} <= set(ckpt):
-        raise ValueError(f"{path} is not a train.py checkpoint (no model, model_config and tokenizer in it)")
+        raise InteropError(f"{path} is not a train.py checkpoint (no model, model_config and tokenizer in it)")
     unknown = set(ckpt["model_config"]) - {f.name for f in fields(GPTConfig)}
     if unknown:
-        raise ValueError(f"{path} has model fields this model.py lacks ({', '.join(sorted(unknown))}); update it")
-    return ckpt, GPTConfig(**ckpt["model_config"]).validate()
+        raise InteropError(f"{path} has model fields this model.py lacks ({', '.join(sorted(unknown))}); update it")
+    try:
+        return ckpt, GPTConfig(**ckpt["model_config"]).validate()
+    except (ValueError, TypeError) as e:  # (TypeError: a field of the wrong type)
+        raise InteropError(f"{path}: {e}") from None
 
 
 def load_checkpoint(path, device="cpu"):
@@ -532,13 +557,13 @@ def check_export_dir(out, source, overwrite):
     checkpoint it reads, nor into a train.py run, whose config.json it would replace."""
     out, src = os.path.realpath(out), os.path.realpath(source)
     if out in (src, os.path.dirname(src)):
-        raise ValueError(f"--out={out} is where the checkpoint being exported lives; choose another directory")
+        raise InteropError(f"--out={out} is where the checkpoint being exported lives; choose another directory")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if any(re.fullmatch(r"ckpt_\d+\.pt|log\.jsonl", f) for f in held):
-        raise ValueError(f"--out={out} holds a train.py run; choose another directory")
+        raise InteropError(f"--out={out} holds a train.py run; choose another directory")
     if held and not overwrite:
-        raise ValueError(f"--out={out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                         f"choose a new directory, or pass --overwrite to replace an earlier export there")
+        raise InteropError(f"--out={out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                           f"choose a new directory, or pass --overwrite to replace an earlier export there")
 
 
 def main(argv=None):
@@ -555,7 +580,10 @@ def main(argv=None):
                    "earlier export): its weights, config and tokenizer files are replaced")
     i = sub.add_parser("info", help="print the GPTConfig a checkpoint maps to, and its size")
     i.add_argument("path", help="a train.py checkpoint, an Xmodel checkpoint dir, or a hub id")
-    args = p.parse_args(argv)
+    return run_main("hf.py", command, p.parse_args(argv))
+
+
+def command(args):
     try:
         if args.command == "info":
             config = _config_of(args.path)
@@ -569,7 +597,7 @@ def main(argv=None):
                   "non-embedding)")
         else:
             if not os.path.exists(args.ckpt):
-                raise FileNotFoundError(f"no such checkpoint: {args.ckpt}")
+                raise InteropError(f"no such checkpoint: {args.ckpt}")
             check_export_dir(args.out, args.ckpt, args.overwrite)
             if _is_train_ckpt(args.ckpt):
                 model, tokenizer, _ = load_checkpoint(args.ckpt)
@@ -577,9 +605,9 @@ def main(argv=None):
             else:
                 model, tokenizer = load_pretrained(args.ckpt)
             save_pretrained(model, args.out, args.format, tokenizer, args.dtype)
-    except (ValueError, OSError, ImportError, WriteError, prepare_data.DataError) as err:
-        raise SystemExit(f"hf.py: error: {err}")
+    except (OSError, ImportError) as e:  # the library's own types: a file or package missing, the hub unreachable
+        raise InteropError(str(e)) from None
 
 
 if __name__ == "__main__":
-    interruptible("hf.py", main)
+    main()

@@ -42,9 +42,9 @@ import time
 import numpy as np
 import torch
 
-from cli import Parser, Range, flag, interruptible, split_words, str2bool
+from cli import ErrorExit, Parser, Range, UserError, flag, run_main, split_words, str2bool
 from model import GPT, GPTConfig
-from safeio import WriteError, atomic_write, make_dir, write_json
+from safeio import atomic_write, make_dir, write_json
 
 PARAMS = ("muP", "SP")  # the two parameterizations, in the figure's order (train.py --mup=1 / --mup=0)
 DEFAULT_TRAIN_ARGS = ("--n_layer=2 --block_size=128 --batch_size=16 --total_batch_size=2048 --max_iters=150 "
@@ -56,6 +56,10 @@ QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1], out="out/mup_sweep_q
              coord_widths=[64, 128], coord_steps=2, coord_seeds=[0], coord_out="out/mup_coord_quick.json",
              overwrite=True)
 
+
+class SweepError(UserError):
+    """A sweep or coordinate check that cannot run or be read as asked; one line that says what to do."""
+
 # -----------------------------------------------------------------------------
 # the sweep
 
@@ -63,6 +67,7 @@ QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1], out="out/mup_sweep_q
 def run(width, lr, mup, seed, train_args, head_dim):
     """Final validation loss of one train.py run, or NaN when its loss went non-finite (a diverged run)."""
     import train  # here, so the coordinate check (and its test) needs only model.py
+    from checkpoint import Diverged
     heads = max(1, width // head_dim)
     argv = shlex.split(train_args) + [
         f"--n_embd={width}", f"--n_head={heads}", f"--n_kv_head={heads}", f"--mlp_hidden={int(2.5 * width)}",
@@ -71,8 +76,8 @@ def run(width, lr, mup, seed, train_args, head_dim):
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
         try:
             return float(train.main(argv + [f"--out_dir={out}", "--keep_ckpts=1"])["val_loss"])
-        except SystemExit as e:  # a diverged run is a data point, not a crash
-            if "stopped without saving" not in str(e):
+        except ErrorExit as e:  # a diverged run is a data point, not a crash
+            if not isinstance(e.error, Diverged):
                 raise
             return float("nan")
 
@@ -175,19 +180,19 @@ def read_json(path, what, kind=None):
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"mup_sweep.py: error: cannot read {what}={path}: {e}") from None
+        raise SweepError(f"cannot read {what}={path}: {e}") from None
     found = data.get("kind") if isinstance(data, dict) else None
     if found not in NEEDS or (kind and found != kind) or any(k not in data for k in NEEDS[found]):
-        raise SystemExit(f"mup_sweep.py: error: {what}={path} is not a {kind or 'sweep or coordinate check'} JSON "
-                         f"that mup_sweep.py wrote")
+        raise SweepError(f"{what}={path} is not a {kind or 'sweep or coordinate check'} JSON that mup_sweep.py "
+                         f"wrote")
     return data
 
 
 def refuse_to_replace(path, what):
     """A finished sweep can cost hours: a new one does not silently take its place."""
     if os.path.exists(path):
-        raise SystemExit(f"mup_sweep.py: error: {what}={path} already exists; --resume adds to a sweep, --overwrite "
-                         f"replaces it, or choose another {what}")
+        raise SweepError(f"{what}={path} already exists; --resume adds to a sweep, --overwrite replaces it, or "
+                         f"choose another {what}")
 
 
 def sweep(args):
@@ -198,8 +203,8 @@ def sweep(args):
     if args.resume and os.path.exists(args.out):
         old = read_json(args.out, "--resume: --out", "sweep")
         if old.get("train_args") != args.train_args or old.get("head_dim") != args.head_dim:
-            raise SystemExit(f"mup_sweep.py: error: {args.out} holds a sweep with other --train_args/--head_dim; "
-                             "drop --resume or choose another --out")
+            raise SweepError(f"{args.out} holds a sweep with other --train_args/--head_dim; drop --resume or choose "
+                             "another --out")
         runs, history = old["runs"], old.get("history", []) + [old["info"]]
     have = {(r["parameterization"], r["width"], r["lr"], r["seed"]) for r in runs}
     # seeds outermost, so a sweep cut short has every width at its first seed(s)
@@ -550,7 +555,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run_main("mup_sweep.py", command, parse_args(argv))
+
+
+def command(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.plot_only:
@@ -580,4 +588,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible("mup_sweep.py", main, errors=(WriteError,))
+    main()

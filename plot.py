@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cli import Parser, Range, flag, interruptible
-from safeio import WriteError, atomic_write, make_dir, read_jsonl
+from cli import Parser, Range, UserError, flag, run_main
+from safeio import atomic_write, make_dir, read_jsonl
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "seq_len", "phase", "optimizer")
 VAL_KEYS = ("step", "val_loss", "tokens")
@@ -37,7 +37,7 @@ def _phase(p):
     return PHASES.get(p, (str(p), "#e6e6e6"))  # (label, colour); an unknown phase is grey
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """A run that cannot be read or drawn; the message is one line for the user."""
 
 
@@ -266,16 +266,17 @@ def main(argv=None):
         p.error(f"--labels has {len(labels)} names for {len(a.runs)} runs")
     if a.from_step is not None and a.to_step is not None and a.from_step > a.to_step:
         p.error(f"--from_step={a.from_step} is after --to_step={a.to_step}")
-    try:
-        runs = [read_run(d) for d in a.runs]
-        for r in runs:
-            if r.torn:
-                print(f"plot.py: note: {r.path}/log.jsonl: skipped {r.torn} line(s) that are not entries it can draw")
-        out = plot_runs(runs, a.out, labels, a.x, a.from_step, a.to_step, a.ylim, a.title, a.smooth, a.val_only)
-    except (PlotError, WriteError) as e:
-        raise SystemExit(f"plot.py: error: {e}") from None
+    run_main("plot.py", draw, a, labels)
+
+
+def draw(a, labels):
+    runs = [read_run(d) for d in a.runs]
+    for r in runs:
+        if r.torn:
+            print(f"plot.py: note: {r.path}/log.jsonl: skipped {r.torn} line(s) that are not entries it can draw")
+    out = plot_runs(runs, a.out, labels, a.x, a.from_step, a.to_step, a.ylim, a.title, a.smooth, a.val_only)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    interruptible("plot.py", main)
+    main()

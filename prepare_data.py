@@ -82,7 +82,7 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 
-from cli import Parser, Range, flag
+from cli import Parser, Range, UserError, flag, run_main
 from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, write_error, write_json
 
 DEFAULT_DATA_DIR = "data/embedded-byte"
@@ -94,7 +94,7 @@ EMBEDDED_MAX_BYTES = 2_000_000
 HUB = ("huggingface.co", 443)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Something is wrong with the data; the message says what and what to do."""
 
 
@@ -284,6 +284,18 @@ class ShardWriter:
 
 # -----------------------------------------------------------------------------
 # the loader train.py uses
+
+
+def loaders(data_dir, launch):
+    """(meta, train loader, val loader) of data_dir, for this rank of a cli.launch(). The default corpus is built on
+    first use, by one process per node."""
+    if data_dir == DEFAULT_DATA_DIR and not os.path.exists(os.path.join(data_dir, "meta.json")):
+        if launch.local_rank == 0:
+            prepare_embedded(data_dir)
+        if launch.ddp:
+            torch.distributed.barrier()
+    return read_meta(data_dir), *(TokenLoader(data_dir, split, launch.rank, launch.world_size)
+                                  for split in ("train", "val"))
 
 class TokenLoader:
     """
@@ -865,15 +877,9 @@ def main(argv=None):
               "archive) with a warning, and lists it in meta.json, instead of stopping")
     args = p.parse_args(argv)
     t0 = time.time()
-    try:
-        prepare(args.source or ["embedded"], args.tokenizer, args.out_dir, args.val_frac, args.shard_tokens,
-                args.max_tokens, args.seed, args.workers, args.overwrite, args.skip_bad_files)
-    except (DataError, WriteError, LockError) as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("prepare_data.py: interrupted; the --out_dir is as it was", file=sys.stderr)
-        sys.exit(130)
+    run_main("prepare_data.py", prepare, args.source or ["embedded"], args.tokenizer, args.out_dir, args.val_frac,
+             args.shard_tokens, args.max_tokens, args.seed, args.workers, args.overwrite, args.skip_bad_files,
+             on_interrupt=lambda: "the --out_dir is as it was")  # (building() puts it back)
     print(f"done in {time.time() - t0:.1f}s")
 
 

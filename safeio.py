@@ -13,6 +13,7 @@ through these few functions, so the guarantees are made once:
 
 A failed write (disk full, quota, read-only filesystem, a file-size limit) raises WriteError, whose message
 names the path, the space it needed and the space left; the temp file is gone and the old file untouched.
+WriteError and LockError are cli.UserErrors: a script lets them rise to cli.run_main, which prints the line.
 """
 
 import errno
@@ -29,12 +30,14 @@ try:
 except ImportError:
     fcntl = None
 
+from cli import UserError
 
-class WriteError(Exception):
+
+class WriteError(UserError):
     """A file could not be written; the message says which, why, and what is safe."""
 
 
-class LockError(Exception):
+class LockError(UserError):
     """Another live process holds the lock."""
 
 

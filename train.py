@@ -1,5 +1,5 @@
 """
-train.py: train a nanoXmodel with the Xmodel-2.5 recipe's Warmup-Stable-Decay schedule.
+train.py: train a nanoXmodel with the Xmodel-2.5 recipe: muP, Warmup-Stable-Decay, the AdamW -> Muon switch, FP8.
 
 One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs and nodes.
 
@@ -11,42 +11,46 @@ One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs an
     # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
     #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X
 
-Every hyperparameter is a --name=value flag (python train.py --help lists them with their allowed ranges).
---preset picks the model shape and a matching schedule; any flag overrides it. Checkpoints land in --out_dir;
---resume continues a run exactly where it stopped. A run locks its --out_dir, writes every file atomically,
-saves only checkpoints that can resume (see diverged), and on Ctrl-C or SIGTERM saves one and says how to go on.
+Read top to bottom: the presets, the schedule as pure functions of (step, args), the optimizers, the set-up,
+then loop(), where each idea of the recipe is one named line; the flags are at the bottom (--help shows their
+ranges). --preset picks the model and a matching schedule; any flag overrides it. checkpoint.py keeps a run
+continuable: --resume continues it exactly; Ctrl-C or SIGTERM saves a checkpoint and says how to go on.
 """
 
 import argparse
 import json
 import math
-import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fp8
+import muon
 import prepare_data
-from checkpoint import (CKPT_VERSION, StopRequest, branches, diverged, list_ckpts, load_optimizer_state,
-                        resume_checkpoint, rng_state, run_dir, save_ckpt, set_rng_state, stop_diverged)
-from cli import Parser, Range, UserError, distributed, flag, setup_device, str2bool
+from checkpoint import Run, list_ckpts, load_optimizer_state
+from cli import Parser, Range, UserError, all_mean, fail, finish, flag, launch, run_main, str2bool
 from model import GPT, GPTConfig, PRESETS
-from muon import Muon
-from safeio import WriteError, read_jsonl, rewrite_jsonl, write_json
+
+PROG = "train.py"
+
+
+class ConfigError(UserError):
+    """Flags that cannot make a run together (a schedule that does not fit, a batch that does not divide)."""
+
+
+def refuse(message):
+    """A ConfigError as the script's end. (The schedule's functions and parse_args are also called outside
+    run_main, by tests and the experiment drivers: they end the script in the same one line.)"""
+    return fail(PROG, ConfigError(message))
 
 # -----------------------------------------------------------------------------
-# flags
+# presets
 
 
-# the schedule and batch of each preset. xmodel-2.5 is the recipe's pre-training run (RECIPE.md section 3):
-# 2k warmup, batch 480 x 3712 tokens doubled at 270k steps, decay over the last 20k of 550k steps.
-# nano is a quick one-GPU proxy run and cpu a few-minute demo (our choices, not the paper's).
 TRAIN_PRESETS = {
     "cpu": dict(max_iters=360, warmup_iters=30, decay_iters=80, total_batch_size=16 * 256, batch_size=16,
                 batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, log_interval=10,
@@ -69,6 +73,352 @@ DECAY_SHAPES = {
     "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
     "1-sqrt": lambda t: 1 - math.sqrt(t),
 }
+
+
+# -----------------------------------------------------------------------------
+# the Warmup-Stable-Decay schedule, the batch and the switch: pure functions of (step, args)
+
+
+def decay_start(args):
+    return args.max_iters - args.decay_iters  # the decay window is the main run's last decay_iters steps
+
+
+def total_iters(args):
+    return args.max_iters + sum(steps for _, steps in args.long_context)  # the long-context phase comes after
+
+
+def lr_mult(step, args):
+    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, decay to min_lr_ratio, then (long
+    context) linear to long_context_lr_end; with --switch_warmup, a linear re-warmup after the switch to Muon."""
+    if step < args.warmup_iters:
+        return (step + 1) / args.warmup_iters
+    if step < decay_start(args):
+        return 1.0
+    if step >= args.max_iters:  # the long-context phase
+        t = (step - args.max_iters + 1) / (total_iters(args) - args.max_iters)
+        return args.min_lr_ratio + t * (args.long_context_lr_end - args.min_lr_ratio)
+    t = (step - decay_start(args) + 1) / args.decay_iters  # reaches 1 on the last step
+    mult = args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
+    since_switch = step - decay_start(args)
+    if args.muon_at_decay and since_switch < args.switch_warmup:
+        mult *= (since_switch + 1) / (args.switch_warmup + 1)
+    return mult
+
+
+def phase(step, args):
+    if step < args.warmup_iters:
+        return "warmup"
+    if step >= args.max_iters:
+        return "long_context"
+    if step >= decay_start(args):
+        return "decay"
+    return "stable2" if 0 < args.batch_double_step <= step else "stable"
+
+
+def long_context_starts(args):
+    """The first step of each long-context sub-phase."""
+    starts = [args.max_iters]
+    for _, steps in args.long_context:
+        starts.append(starts[-1] + steps)
+    return starts[:-1]
+
+
+def seq_len(step, args):
+    """Tokens a sequence at `step`: --block_size, or in the long-context phase its sub-phase's."""
+    end = args.max_iters
+    for seq, steps in args.long_context:
+        end += steps
+        if args.max_iters <= step < end:
+            return seq
+    return args.block_size
+
+
+def micro_batch(step, args):
+    """Sequences per micro-step: batch_size at block_size; at a longer context, as many tokens in fewer sequences."""
+    seq = seq_len(step, args)
+    if (args.batch_size * args.block_size) % seq:
+        raise refuse(f"a micro-batch of batch_size*block_size = {args.batch_size}*"
+                         f"{args.block_size} tokens is not a whole number of {seq}-token sequences (--long_context)")
+    return args.batch_size * args.block_size // seq
+
+
+def grad_accum_steps(step, args, world_size):
+    total = args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1)
+    per_micro = args.batch_size * args.block_size * world_size  # (the same tokens at a longer context)
+    if total % per_micro:
+        raise refuse(f"a step of {total} tokens is not a whole number of micro-batches of "
+                         f"batch_size*block_size*world_size = {args.batch_size}*{args.block_size}*{world_size} = "
+                         f"{per_micro} tokens; make --total_batch_size a multiple of {per_micro}")
+    return total // per_micro
+
+
+def step_tokens(step, args, world_size):
+    return grad_accum_steps(step, args, world_size) * args.batch_size * args.block_size * world_size
+
+
+def optimizer_kind(step, args):
+    if args.optimizer == "muon" or (args.muon_at_decay and step >= decay_start(args)):
+        return "muon"
+    return "adamw"
+
+
+def milestones(step, args):
+    """What the schedule changes at `step`, in words for the log."""
+    said = []
+    if step == args.batch_double_step and step > 0:
+        said.append(f"batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
+    if step == decay_start(args):
+        said.append(f"decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
+    if step in long_context_starts(args):
+        said.append(f"long-context phase: {seq_len(step, args)} tokens a sequence, {micro_batch(step, args)} "
+                    f"sequences a micro-step (RECIPE.md section 3)")
+    return said
+
+
+def print_schedule(args, groups, world_size):
+    start, end = decay_start(args), total_iters(args)
+    marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1, end - 1}
+    marks |= {start + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
+    if args.batch_double_step > 0:
+        marks |= {args.batch_double_step - 1, args.batch_double_step}
+    for first in long_context_starts(args):  # each long-context sub-phase's first step, and the one before
+        marks |= {first - 1, first}
+    print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
+          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6}")
+    for s in sorted(m for m in marks if 0 <= m < end):
+        mult = lr_mult(s, args)
+        accum = grad_accum_steps(s, args, world_size)
+        print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
+              + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
+              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}"
+              + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6}")
+
+
+# -----------------------------------------------------------------------------
+# the optimizers: muP param groups in, AdamW or Muon out
+
+
+def build_optimizer(model, args, device, kind):
+    groups = model.param_groups(args.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                                 fused=device.type == "cuda")
+    if kind == "muon":  # the "hidden" group gets Muon, embedding and norms AdamW, each at its muP lr
+        return muon.Muon(groups, lr=args.lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
+                    ns_coeffs=args.ns_coeffs, muon_scale=args.muon_scale, split_fused=args.split_fused,
+                    use_triton=args.ns_triton, betas=(args.beta1, args.beta2), eps=args.eps)
+    raise ValueError(f"unknown optimizer {kind}")
+
+
+def set_lr(optimizer, lr):  # muP: each group at the peak's lr times its own lr_mult (model.param_groups)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+
+
+# -----------------------------------------------------------------------------
+# set-up: data and model
+
+
+def sample_tokenizer(args, meta, log):
+    """The tokenizer of the end's sample, or None: found out now, not after the run."""
+    if args.sample_len == 0:
+        return None
+    try:
+        return prepare_data.get_tokenizer(meta["tokenizer"])
+    except prepare_data.DataError as e:
+        log(f"train.py: warning: --sample_len=0, no sample at the end: {e}")
+        return None
+
+
+def setup_model(args, meta, device, log):
+    """--preset's model with the flags' changes (the vocabulary from the data unless given), or --init_from's;
+    the RoPE tables cover the long-context phase; FP8 linears with --fp8."""
+    overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
+    overrides.setdefault("vocab_size", -(-meta["vocab_size"] // 64) * 64)  # pad to 64 for faster matmuls
+    pretrained = None
+    try:
+        config = GPTConfig.from_preset(args.preset, **overrides)
+        if args.init_from:  # a released checkpoint: its architecture and weights
+            import hf  # (Hugging Face interop: needs safetensors, and huggingface_hub for a hub id)
+            config, pretrained = hf.init_from(args.init_from, config.block_size, meta["tokenizer"], args.data_dir, log)
+    except (ValueError, OSError, ImportError) as e:  # (OSError: a missing --init_from, an unreachable hub)
+        raise ConfigError(e) from None
+    if config.vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"--vocab_size={config.vocab_size} is smaller than the data's tokenizer "
+                          f"({meta['tokenizer']}: {meta['vocab_size']})")
+    if args.long_context:  # (the weights do not depend on block_size)
+        config = replace(config, block_size=max(args.block_size, *(seq for seq, _ in args.long_context)))
+    torch.manual_seed(args.seed)
+    if pretrained is not None and not args.resume:  # (a resumed run's checkpoint has newer weights)
+        model = hf.empty_model(config, device)  # no random init for the loaded weights to overwrite
+        model.load_state_dict(pretrained)
+    else:
+        model = GPT(config).to(device)
+    model.chunked_loss = args.chunked_loss
+    if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
+        for name, reason in fp8.convert_to_fp8(model, recipe=args.fp8_recipe):
+            log(f"fp8: {name} stays in {args.dtype}: {reason}")
+    return model
+
+
+@torch.no_grad()
+def mean_loss(model, batches, autocast):
+    """The mean loss over (x, y) batches, averaged over ranks: validation, and the checkpoint's sanity probe."""
+    model.eval()
+    with autocast:
+        total = sum(model(x, y)[1].float() for x, y in batches)
+    model.train()
+    return all_mean(total / len(batches)).item()
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(args):
+    # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
+    run_on = launch(args.device, timeout=timedelta(hours=1))
+    log = print if run_on.master else (lambda *a, **k: None)
+    try:  # what this device cannot do, said before any work
+        fp8.check_device(run_on.device) if args.fp8 else None
+        muon.check_triton(run_on.device) if args.ns_triton else None
+    except ValueError as e:
+        raise ConfigError(e) from None
+    meta, train_loader, val_loader = prepare_data.loaders(args.data_dir, run_on)
+    for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
+        for step in [0, *long_context_starts(args)]:
+            loader.check_fits(micro_batch(step, args), seq_len(step, args))
+    tok = sample_tokenizer(args, meta, log) if run_on.master else None
+    model = setup_model(args, meta, run_on.device, log)
+    grad_accum_steps(0, args, run_on.world_size)  # fail early on a batch that does not divide
+    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
+        f"non-embedding), width multiplier m = {model.config.width_mult:g}, muP {'on' if model.config.mup else 'off'}")
+    run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
+    log("config: " + json.dumps({"args": run_args, "model": asdict(model.config), "world_size": run_on.world_size}))
+    if args.dry_run:
+        print_schedule(args, model.param_groups(args.weight_decay), run_on.world_size)
+        return {"config": model.config, "args": args}
+    autocast = torch.autocast(run_on.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    # the checkpoints at the decay's start (where ablations branch) and end (where the long-context phase does)
+    # stay whatever --keep_ckpts says
+    end = min(total_iters(args), args.stop_after or math.inf)
+    with Run(args, run_on, log, keep_steps=(decay_start(args), args.max_iters)) as run:
+        start = run.start(model, train_loader, model.config, meta["tokenizer"], end)  # step 0, or --resume's
+        val_loss, best_val = loop(args, run, start, end, model, train_loader, val_loader, autocast, log)
+    if tok is not None:
+        sample(model, tok, args.sample_len, run_on.device, autocast, log)
+    finish(run_on)
+    return {"val_loss": val_loss, "best_val": best_val, "config": model.config, "args": args}
+
+
+def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, log):
+    """The training loop, from where run.start said (step 0 or --resume's checkpoint) to `end`."""
+    run_on = run.launch
+    device, world_size = run_on.device, run_on.world_size
+    opt_kind = start.optimizer_name or optimizer_kind(start.step, args)
+    optimizer = build_optimizer(raw_model, args, device, opt_kind)
+    if start.optimizer_state is not None:
+        load_optimizer_state(optimizer, start.optimizer_state)
+    best_val, val_loss, tokens_seen = start.best_val, None, start.tokens_seen
+    if tokens_seen is None:  # (a checkpoint from before tokens were counted)
+        tokens_seen = sum(step_tokens(s, args, world_size) for s in range(start.step))
+    model = wrap(raw_model, args, run_on)
+
+    for step in range(start.step, end):
+        if args.fp8:
+            fp8.refresh(raw_model)  # FP8: the step's weight casts, shared by its micro-batches (and eval)
+        for change in milestones(step, args):
+            log(f"step {step}: {change}")
+        if optimizer_kind(step, args) != opt_kind:  # the switch (RECIPE.md section 4): a fresh optimizer, so the
+            log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
+                f"weights carried over")  # old moments go and Muon's momentum starts at zero
+            opt_kind = optimizer_kind(step, args)
+            optimizer = build_optimizer(raw_model, args, device, opt_kind)
+        if args.eval_interval and step % args.eval_interval == 0:
+            val_loss, best_val = validate(run, log, model, val_loader, step, args, autocast, tokens_seen, best_val)
+
+        t0 = time.perf_counter()
+        lr = args.lr * lr_mult(step, args)  # WSD: the peak times the schedule's multiplier
+        set_lr(optimizer, lr)  # muP: every group at its own multiple of it
+        accum = grad_accum_steps(step, args, world_size)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch(micro_batch(step, args), seq_len(step, args))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = not run_on.ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+        loss, stopping = run.agree(loss_sum / accum)  # every rank: the same loss, the same decision to stop
+        run.check_finite(step, loss, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # count the optimizer's kernels in the step time
+        dt = time.perf_counter() - t0
+
+        tokens = step_tokens(step, args, world_size)
+        tokens_seen += tokens
+        report(run, log, step, end, args, loss, lr, grad_norm, tokens, dt, tokens_seen, opt_kind,
+               raw_model.estimate_mfu(tokens / dt / world_size, seq_len(step, args), device))
+        if stopping or step + 1 in checkpoint_steps(args, end) or (
+                args.ckpt_interval and (step + 1) % args.ckpt_interval == 0):
+            probe = mean_loss(model, [(x, y)], autocast)  # the updated weights on the step's last batch
+            run.save(step + 1, raw_model, optimizer, opt_kind, probe, best_val, tokens_seen)
+        if stopping:
+            run.stop(step + 1)
+
+    if start.step < end:
+        val_loss, best_val = validate(run, log, model, val_loader, end, args, autocast, tokens_seen, best_val,
+                                      final=True)
+    return val_loss, best_val
+
+
+def checkpoint_steps(args, end):
+    """The steps after which a checkpoint is always saved: the end, each phase's start (where runs branch)."""
+    return (args.max_iters, decay_start(args), end, *long_context_starts(args))
+
+
+def validate(run, log, model, loader, step, args, autocast, tokens_seen, best_val, final=False):
+    """(val loss, best so far) before `step`, or after the run's last step (final: at that step's context), on the
+    console and in log.jsonl."""
+    at, device = step - 1 if final else step, run.launch.device
+    loader.reset()  # the same batches every time
+    batches = [loader.next_batch(micro_batch(at, args), seq_len(at, args)) for _ in range(args.eval_iters)]
+    val_loss = mean_loss(model, [(x.to(device), y.to(device)) for x, y in batches], autocast)
+    best_val = val_loss if best_val is None else min(best_val, val_loss)
+    log(f"step {step}: val loss {val_loss:.4f}" + (f" (best {best_val:.4f})" if final else ""))
+    run.log(dict(step=step, val_loss=val_loss, tokens=tokens_seen, seq_len=seq_len(at, args)))
+    return val_loss, best_val
+
+
+def wrap(model, args, run_on):
+    """The model the loop calls: DDP under torchrun, then torch.compile (after DDP, so the compiled graph is
+    split at gradient buckets and the all-reduce overlaps the backward)."""
+    if run_on.ddp:  # no buffer broadcast: RoPE tables are equal everywhere, FP8 amax histories each rank's own
+        model = DDP(model, device_ids=[run_on.device.index] if run_on.device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    return torch.compile(model) if args.compile else model
+
+
+def report(run, log, step, end, args, loss, lr, grad_norm, tokens, dt, tokens_seen, opt_kind, mfu):
+    """One log.jsonl entry a step; a line on the console every --log_interval."""
+    run.log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens / dt, mfu=mfu,
+                 phase=phase(step, args), optimizer=opt_kind, tokens=tokens_seen, seq_len=seq_len(step, args)))
+    if step % args.log_interval == 0 or step == end - 1:
+        log(f"step {step:>6}/{end} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | {tokens / dt:,.0f} "
+            f"tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | {1000 * dt:.0f} ms")
+
+
+def sample(model, tok, n, device, autocast, log):
+    model.eval()
+    with autocast:
+        out = model.generate(torch.tensor([[tok.eot]], device=device), n, temperature=0.8, top_k=50)
+    log("sample:\n" + tok.decode([t for t in out[0, 1:].tolist() if t < tok.vocab_size]))
+
+# -----------------------------------------------------------------------------
+# flags
 
 
 def get_parser():
@@ -179,472 +529,46 @@ def get_parser():
 
 
 def parse_args(argv=None):
+    """The flags, resolved once into what the code uses: --preset's schedule for the flags not given, the model's
+    block_size, --decay_frac as decay_iters, --long_context as [(seq, steps)], the device-dependent defaults."""
     args = get_parser().parse_args(argv)
     if args.decay_frac is not None and args.decay_iters is not None:
-        raise SystemExit("train.py: error: give --decay_iters or --decay_frac, not both")
+        raise refuse("give --decay_iters or --decay_frac, not both")
     for k, v in TRAIN_PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.decay_frac is not None:
         args.decay_iters = round(args.decay_frac * args.max_iters)
     if not 0 <= args.warmup_iters <= decay_start(args):
-        raise SystemExit(f"train.py: error: warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not "
-                         f"fit in --max_iters={args.max_iters}")
+        raise refuse(f"warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not fit in "
+                     f"--max_iters={args.max_iters}")
     given = args.long_context
     try:
         args.long_context = [tuple(int(v) for v in p.split(":")) for p in given.split(",") if p]
         assert all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in args.long_context)
     except (ValueError, AssertionError):
-        raise SystemExit(f"train.py: error: --long_context={given}: expected SEQ:STEPS[,SEQ:STEPS], positive "
-                         f"integers, e.g. 8192:5000,16384:5000") from None
+        raise refuse(f"--long_context={given}: expected SEQ:STEPS[,SEQ:STEPS], positive integers, e.g. "
+                     f"8192:5000,16384:5000") from None
     if args.long_context_lr_end is None:
         args.long_context_lr_end = args.min_lr_ratio * LONG_CONTEXT_LR_DROP
-    return args
-
-# -----------------------------------------------------------------------------
-# the Warmup-Stable-Decay schedule
-
-
-def decay_start(args):
-    return args.max_iters - args.decay_iters  # the decay window is the main run's last decay_iters steps
-
-
-def total_iters(args):
-    return args.max_iters + sum(steps for _, steps in args.long_context)  # the long-context phase comes after
-
-
-def lr_mult(step, args):
-    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, decay to min_lr_ratio, then (long
-    context) linear to long_context_lr_end; with --switch_warmup, a linear re-warmup after the switch to Muon."""
-    if step < args.warmup_iters:
-        return (step + 1) / args.warmup_iters
-    if step < decay_start(args):
-        return 1.0
-    if step >= args.max_iters:  # the long-context phase
-        t = (step - args.max_iters + 1) / (total_iters(args) - args.max_iters)
-        return args.min_lr_ratio + t * (args.long_context_lr_end - args.min_lr_ratio)
-    t = (step - decay_start(args) + 1) / args.decay_iters  # reaches 1 on the last step
-    mult = args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
-    since_switch = step - decay_start(args)
-    if args.muon_at_decay and since_switch < args.switch_warmup:
-        mult *= (since_switch + 1) / (args.switch_warmup + 1)
-    return mult
-
-
-def phase(step, args):
-    if step < args.warmup_iters:
-        return "warmup"
-    if step >= args.max_iters:
-        return "long_context"
-    if step >= decay_start(args):
-        return "decay"
-    return "stable2" if 0 < args.batch_double_step <= step else "stable"
-
-
-def long_context_starts(args):
-    """The first step of each long-context sub-phase."""
-    starts = [args.max_iters]
-    for _, steps in args.long_context:
-        starts.append(starts[-1] + steps)
-    return starts[:-1]
-
-
-def seq_len(step, args):
-    """Tokens a sequence at `step`: --block_size, or in the long-context phase its sub-phase's."""
-    end = args.max_iters
-    for seq, steps in args.long_context:
-        end += steps
-        if args.max_iters <= step < end:
-            return seq
-    return args.block_size
-
-
-def micro_batch(step, args):
-    """Sequences per micro-step: batch_size at block_size; at a longer context, as many tokens in fewer sequences."""
-    seq = seq_len(step, args)
-    if (args.batch_size * args.block_size) % seq:
-        raise SystemExit(f"train.py: error: a micro-batch of batch_size*block_size = {args.batch_size}*"
-                         f"{args.block_size} tokens is not a whole number of {seq}-token sequences (--long_context)")
-    return args.batch_size * args.block_size // seq
-
-
-def grad_accum_steps(step, args, world_size):
-    total = args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1)
-    per_micro = args.batch_size * args.block_size * world_size  # (the same tokens at a longer context)
-    if total % per_micro:
-        raise SystemExit(f"train.py: error: a step of {total} tokens is not a whole number of micro-batches of "
-                         f"batch_size*block_size*world_size = {args.batch_size}*{args.block_size}*{world_size} = "
-                         f"{per_micro} tokens; make --total_batch_size a multiple of {per_micro}")
-    return total // per_micro
-
-
-def step_tokens(step, args, world_size):
-    return grad_accum_steps(step, args, world_size) * args.batch_size * args.block_size * world_size
-
-
-def optimizer_kind(step, args):
-    if args.optimizer == "muon" or (args.muon_at_decay and step >= decay_start(args)):
-        return "muon"
-    return "adamw"
-
-
-def milestones(step, args):
-    """What the schedule changes at `step`, in words for the log."""
-    said = []
-    if step == args.batch_double_step and step > 0:
-        said.append(f"batch doubles to {2 * args.total_batch_size:,} tokens (stable 2, RECIPE.md section 3)")
-    if step == decay_start(args):
-        said.append(f"decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
-    if step in long_context_starts(args):
-        said.append(f"long-context phase: {seq_len(step, args)} tokens a sequence, {micro_batch(step, args)} "
-                    f"sequences a micro-step (RECIPE.md section 3)")
-    return said
-
-
-def print_schedule(args, groups, world_size):
-    start, end = decay_start(args), total_iters(args)
-    marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1, end - 1}
-    marks |= {start + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
-    if args.batch_double_step > 0:
-        marks |= {args.batch_double_step - 1, args.batch_double_step}
-    for first in long_context_starts(args):  # each long-context sub-phase's first step, and the one before
-        marks |= {first - 1, first}
-    print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
-          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6}")
-    for s in sorted(m for m in marks if 0 <= m < end):
-        mult = lr_mult(s, args)
-        accum = grad_accum_steps(s, args, world_size)
-        print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
-              + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
-              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}"
-              + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6}")
-
-
-# -----------------------------------------------------------------------------
-# the optimizer factory: muP param groups in, an optimizer out
-
-
-def build_optimizer(model, args, device, kind):
-    groups = model.param_groups(args.weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                                 fused=device.type == "cuda")
-    if kind == "muon":  # the "hidden" group gets Muon, embedding and norms AdamW, each at its muP lr
-        return Muon(groups, lr=args.lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
-                    ns_coeffs=args.ns_coeffs, muon_scale=args.muon_scale, split_fused=args.split_fused,
-                    use_triton=args.ns_triton, betas=(args.beta1, args.beta2), eps=args.eps)
-    raise ValueError(f"unknown optimizer {kind}")
-
-
-def init_from(args, preset_config, meta, log):
-    """The --init_from checkpoint's config, with this run's block_size (a release says 131072), and weights."""
-    import hf  # Hugging Face interop: needs safetensors, and huggingface_hub for a hub id
     given = [k for k in MODEL_FIELDS if getattr(args, k) is not None and k != "block_size"]
-    if given:
-        raise ValueError(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")
-    pretrained, tokenizer = hf.load_pretrained(args.init_from)
-    if tokenizer is not None and tokenizer != meta["tokenizer"]:
-        log(f"warning: {args.init_from} ships {tokenizer}; {args.data_dir} was tokenized with {meta['tokenizer']}: "
-            f"the two must be the same tokenizer (prepare_data.py --tokenizer={tokenizer})")
-    return replace(pretrained.config, block_size=preset_config.block_size).validate(), pretrained.state_dict()
-
-
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_mult"]
-
-# -----------------------------------------------------------------------------
-# training
+    if args.init_from and given:
+        raise refuse(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")
+    # the sequence length of warmup, stable and decay (--init_from keeps it too)
+    args.block_size = args.block_size or GPTConfig(**PRESETS[args.preset]).block_size
+    gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.compile = gpu if args.compile is None else args.compile
+    args.dtype = ("bfloat16" if gpu else "float32") if args.dtype == "auto" else args.dtype
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (prepare_data.DataError, WriteError) as e:  # bad data, a full disk: the user's to fix, in one line
-        raise SystemExit(f"train.py: error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+
+    def kept():  # what a second Ctrl-C, or one before training started, leaves
         ckpts = list_ckpts(args.out_dir)
-        raise SystemExit("train.py: interrupted; " + (f"--resume continues from {ckpts[-1][1]}" if ckpts else
-                                                      "no checkpoint was written")) from None
-
-
-def train(args):
-    ddp, rank, local_rank, world_size = distributed()
-    try:
-        device = setup_device(args.device, local_rank if ddp else None)
-    except UserError as e:
-        raise SystemExit(f"train.py: error: {e}")
-    if ddp:
-        # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
-    if args.ns_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("train.py: error: --ns_triton=1 needs a CUDA device (or TRITON_INTERPRET=1, the Triton "
-                         "interpreter: slow); drop it")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext())
-
-    # data (the default corpus is built on first use, by one process per node)
-    if args.data_dir == prepare_data.DEFAULT_DATA_DIR and not os.path.exists(os.path.join(args.data_dir, "meta.json")):
-        if local_rank == 0:
-            prepare_data.prepare_embedded(args.data_dir)
-        if ddp:
-            dist.barrier()
-    meta = prepare_data.read_meta(args.data_dir)
-    if master and args.sample_len > 0:  # the end's sample needs the tokenizer: find out now, not after the run
-        try:
-            prepare_data.get_tokenizer(meta["tokenizer"])
-        except prepare_data.DataError as e:
-            log(f"train.py: warning: --sample_len=0, no sample at the end: {e}")
-            args.sample_len = 0
-    train_loader = prepare_data.TokenLoader(args.data_dir, "train", rank, world_size)
-    val_loader = prepare_data.TokenLoader(args.data_dir, "val", rank, world_size)
-
-    # model: preset, then flags; the vocabulary comes from the data unless given
-    overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
-    overrides.setdefault("vocab_size", -(-meta["vocab_size"] // 64) * 64)  # pad to 64 for faster matmuls
-    try:
-        config = GPTConfig.from_preset(args.preset, **overrides)
-        if args.init_from:
-            config, pretrained = init_from(args, config, meta, log)
-    except (ValueError, OSError, ImportError) as e:  # (OSError: a missing --init_from, an unreachable hub)
-        raise SystemExit(f"train.py: error: {e}")
-    if config.vocab_size < meta["vocab_size"]:
-        raise SystemExit(f"train.py: error: --vocab_size={config.vocab_size} is smaller than the data's tokenizer "
-                         f"({meta['tokenizer']}: {meta['vocab_size']})")
-    args.block_size = config.block_size  # the sequence length of warmup, stable and decay
-    if args.long_context:  # the model's RoPE tables cover the longest sequence to come
-        config = replace(config, block_size=max(args.block_size, *(seq for seq, _ in args.long_context)))
-    for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
-        for step in [0, *long_context_starts(args)]:
-            loader.check_fits(micro_batch(step, args), seq_len(step, args))
-    torch.manual_seed(args.seed)
-    if args.init_from and not args.resume:  # (a resumed run's checkpoint has newer weights)
-        import hf
-        model = hf.empty_model(config, device)  # no random init for the loaded weights to overwrite
-        model.load_state_dict(pretrained)
-    else:
-        model = GPT(config).to(device)
-    pretrained = None
-    model.chunked_loss = args.chunked_loss
-    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise SystemExit(f"train.py: error: --fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
-                         f"{torch.cuda.get_device_name(device)} has none; drop --fp8")
-    if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
-        skipped = fp8.convert_to_fp8(model, recipe=args.fp8_recipe)
-        for name, reason in skipped:
-            log(f"fp8: {name} stays in {args.dtype}: {reason}")
-    opt_kind = optimizer_kind(0, args)
-    optimizer = build_optimizer(model, args, device, opt_kind)
-    grad_accum_steps(0, args, world_size)  # fail early on a batch that does not divide
-    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
-        f"non-embedding), width multiplier m = {config.width_mult:g}, muP {'on' if config.mup else 'off'}")
-    run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
-    log("config: " + json.dumps({"args": run_args, "model": asdict(config), "world_size": world_size}))
-    if args.dry_run:
-        print_schedule(args, optimizer.param_groups, world_size)
-        return {"config": config, "args": args}
-
-    with run_dir(args, master, ddp):  # made and locked: a second run into it is refused
-        return run(args, ddp, master, log, device, world_size, autocast, meta, config, model, optimizer, opt_kind,
-                   train_loader, val_loader, local_rank)
-
-
-def run(args, ddp, master, log, device, world_size, autocast, meta, config, model, optimizer, opt_kind,
-        train_loader, val_loader, local_rank):
-    # resume, or refuse to silently replace an earlier run
-    ckpts, branched = list_ckpts(args.out_dir), branches(args)
-    start_step, best_val, tokens_seen = 0, None, 0
-    if args.resume:
-        ckpt = resume_checkpoint(args, ckpts, config, meta, world_size, log)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # missing, unexpected or misshapen weights: a checkpoint of another model.py
-            detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
-            raise SystemExit(f"train.py: error: the checkpoint's weights do not fit this model ({detail}); start a "
-                             f"new run with another --out_dir") from None
-        if args.fp8 and ckpt.get("fp8") is not None:  # delayed scaling's amax histories
-            fp8.load_fp8_state_dict(model, ckpt["fp8"])
-        if ckpt["optimizer_name"] != opt_kind:  # e.g. a checkpoint taken after the switch to Muon
-            opt_kind = ckpt["optimizer_name"]
-            optimizer = build_optimizer(model, args, device, opt_kind)
-        load_optimizer_state(optimizer, ckpt["optimizer"])
-        if args.long_context and ckpt["args"].get("data_dir") != args.data_dir:  # e.g. long documents
-            log(f"the long-context phase reads {args.data_dir} from its start")
-        else:
-            train_loader.load_state_dict(ckpt["train_loader"])
-        set_rng_state(ckpt["rng"])
-        start_step, best_val = ckpt["step"], ckpt["best_val"]
-        tokens_seen = ckpt.get("tokens_seen", sum(step_tokens(s, args, world_size) for s in range(start_step)))
-        del ckpt
-    elif ckpts and not args.overwrite:
-        raise SystemExit(f"train.py: error: {args.out_dir} already holds a run (checkpoint at step {ckpts[-1][0]}); "
-                         f"pass --resume to continue it, --out_dir=NEW for a new run, or --overwrite to replace it")
-    stale = [p for s, p in ckpts if s > start_step or branched] if args.overwrite else []
-
-    decay_at, end = decay_start(args), min(total_iters(args), args.stop_after or math.inf)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if master:
-        write_json(os.path.join(args.out_dir, "config.json"), {"args": vars(args), "model": asdict(config)}, indent=1)
-        # keep the log consistent with the checkpoint: drop entries the resumed run will write again; atomically,
-        # so a kill mid-rewrite leaves the old log (a torn last line, from a crash mid-append, is dropped)
-        if start_step < end:  # (a finished run's log stays as it is)
-            entries, torn = read_jsonl(log_path) if start_step > 0 and not branched else ([], 0)
-            rewrite_jsonl(log_path, [e for e in entries if e.get("step", math.inf) < start_step])
-            if torn:
-                log(f"{log_path}: dropped {torn} unreadable line(s), a write torn by a crash")
-        else:
-            log(f"the run already reached step {end}; raise --max_iters (or --stop_after, --long_context) to train "
-                f"further")
-
-    raw_model = ddp_model = model
-    if ddp:
-        # no buffer broadcast: RoPE tables are equal everywhere, and FP8 amax histories stay each rank's own
-        model = ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                broadcast_buffers=False)
-    if args.compile:  # after DDP, so the compiled graph is split at gradient buckets and all-reduce overlaps
-        model = torch.compile(model)
-
-    def all_mean(x):
-        if ddp:
-            dist.all_reduce(x, op=dist.ReduceOp.AVG)
-        return x
-
-    @torch.no_grad()
-    def loss_of(batches):
-        model.eval()
-        total = torch.zeros((), device=device)
-        for x, y in batches:
-            with autocast:
-                total += model(x.to(device), y.to(device))[1].float()
-        model.train()
-        return all_mean(total / len(batches)).item()
-
-    def evaluate(step):  # at the step's sequence length
-        val_loader.reset()
-        return loss_of([val_loader.next_batch(micro_batch(step, args), seq_len(step, args))
-                        for _ in range(args.eval_iters)])
-
-    def write_log(entry):
-        if master:
-            try:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            except OSError as e:
-                raise WriteError(f"cannot append to {log_path} ({e.strerror}); the checkpoints are intact: fix it, "
-                                 f"then --resume") from None
-
-    def checkpoint(step, probe):
-        """Save the state after `step` steps; stop the run instead if diverged() objects (all ranks agree)."""
-        problem = diverged(raw_model, optimizer, loss_of([probe]), config.vocab_size)
-        if all_mean(torch.tensor(float(problem is not None), device=device)).item() > 0:
-            stop_diverged(step, problem or "on another rank", last_saved, args.out_dir)
-        error = None
-        if master:
-            state = dict(version=CKPT_VERSION, step=step, model=raw_model.state_dict(),
-                         optimizer=optimizer.state_dict(), optimizer_name=opt_kind,
-                         model_config=asdict(config), args=vars(args), tokenizer=meta["tokenizer"],
-                         train_loader=train_loader.state_dict(), rng=rng_state(), best_val=best_val,
-                         tokens_seen=tokens_seen, world_size=world_size,
-                         fp8=fp8.fp8_state_dict(raw_model) if args.fp8 else None)
-            try:
-                # kept whatever --keep_ckpts says: the decay's start (where ablations branch) and end (where the
-                # long-context phase does)
-                log(f"saved {save_ckpt(state, args.out_dir, args.keep_ckpts, (decay_at, args.max_iters), stale)}")
-                stale.clear()
-            except WriteError as e:
-                error = f"{e}; the earlier checkpoints are intact: free some space, then --resume"
-        if all_mean(torch.tensor(float(error is not None), device=device)).item() > 0:
-            raise SystemExit(f"train.py: error: {error or 'rank 0 could not write a checkpoint'}")
-
-    last_saved = start_step if args.resume else None
-    val_loss = None
-    with StopRequest() as stop:
-        for step in range(start_step, end):
-            if args.fp8:  # the step's FP8 weight casts, shared by its micro-batches (and eval)
-                fp8.refresh(raw_model)
-            for change in milestones(step, args):
-                log(f"step {step}: {change}")
-            if optimizer_kind(step, args) != opt_kind:
-                # the recipe's switch (RECIPE.md section 4): a fresh optimizer, so the old moments are dropped and
-                # Muon momentum starts at zero; only the weights carry over
-                log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
-                    f"weights carried over")
-                opt_kind = optimizer_kind(step, args)
-                optimizer = build_optimizer(raw_model, args, device, opt_kind)
-            if args.eval_interval and step % args.eval_interval == 0:
-                val_loss = evaluate(step)
-                best_val = val_loss if best_val is None else min(best_val, val_loss)
-                log(f"step {step}: val loss {val_loss:.4f}")
-                write_log(dict(step=step, val_loss=val_loss, tokens=tokens_seen, seq_len=seq_len(step, args)))
-
-            t0 = time.perf_counter()
-            lr = args.lr * lr_mult(step, args)
-            set_lr(optimizer, lr)
-            accum = grad_accum_steps(step, args, world_size)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = train_loader.next_batch(micro_batch(step, args), seq_len(step, args))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = not ddp or micro == accum - 1  # all-reduce gradients once, on the last micro-step
-                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
-                    _, loss = model(x, y)
-                (loss / accum).backward()  # scale so the accumulated gradient is the mean over the whole batch
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            # one all-reduce: the loss, and whether any rank was asked to stop (so all stop at the same step)
-            stats = all_mean(torch.stack([loss_sum / accum, torch.tensor(float(stop.signal is not None),
-                                                                          device=device)]))
-            loss, grad_norm, stopping = stats[0].item(), grad_norm.item(), stats[1].item() > 0
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
-                stop_diverged(step, f"loss {loss}, gradient norm {grad_norm}", last_saved, args.out_dir)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # count the optimizer's kernels in the step time
-            dt = time.perf_counter() - t0
-
-            tokens = step_tokens(step, args, world_size)
-            tokens_seen += tokens
-            mfu = raw_model.estimate_mfu(tokens / dt / world_size, seq_len(step, args), device)
-            write_log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens / dt, mfu=mfu,
-                           phase=phase(step, args), optimizer=opt_kind, tokens=tokens_seen,
-                           seq_len=seq_len(step, args)))
-            if step % args.log_interval == 0 or step == end - 1:
-                log(f"step {step:>6}/{end} | {phase(step, args):>7} | loss {loss:.4f} | lr {lr:.3e} | "
-                    f"{tokens / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                    + f" | {1000 * dt:.0f} ms")
-            done = step + 1
-            if stopping or done in (args.max_iters, decay_at, end, *long_context_starts(args)) or (
-                    args.ckpt_interval and done % args.ckpt_interval == 0):
-                checkpoint(done, (x, y))
-                last_saved = done
-            if stopping:  # (the checkpoint above was saved, or the run stopped as diverged)
-                log(f"train.py: stopped by {stop.signal.name if stop.signal else 'a signal to another rank'}; saved "
-                    f"step {done}: --resume continues from it")
-                raise SystemExit(128 + (stop.signal or signal.SIGINT))
-
-    if start_step < end:
-        val_loss = evaluate(end - 1)
-        best_val = val_loss if best_val is None else min(best_val, val_loss)
-        log(f"step {end}: val loss {val_loss:.4f} (best {best_val:.4f})")
-        write_log(dict(step=end, val_loss=val_loss, tokens=tokens_seen, seq_len=seq_len(end - 1, args)))
-    if master and args.sample_len > 0:
-        tok = prepare_data.get_tokenizer(meta["tokenizer"])
-        raw_model.eval()
-        with autocast:
-            out = raw_model.generate(torch.tensor([[tok.eot]], device=device), args.sample_len, temperature=0.8,
-                                     top_k=50)
-        log("sample:\n" + tok.decode([t for t in out[0, 1:].tolist() if t < tok.vocab_size]))
-    if ddp:
-        dist.barrier()  # let every rank finish its last collective before the group goes
-        dist.destroy_process_group()
-    return {"val_loss": val_loss, "best_val": best_val, "config": config, "args": args}
+        return f"--resume continues from {ckpts[-1][1]}" if ckpts else "no checkpoint was written"
+    return run_main(PROG, train, args, on_interrupt=kept)
 
 
 if __name__ == "__main__":

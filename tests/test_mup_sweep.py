@@ -14,6 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import mup_sweep  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import train  # noqa: E402
@@ -150,9 +152,10 @@ def test_run_passes_its_width_lr_seed_and_parameterization(monkeypatch):
     def fake_main(argv):
         seen.append(argv)
         if "--lr=0.5" in argv:
-            raise SystemExit("train.py: error: loss nan, gradient norm nan at step 3; stopped without saving; ...")
+            raise cli.fail("train.py", checkpoint.Diverged("loss nan, gradient norm nan at step 3; stopped without "
+                                                           "saving; ..."))
         if "--lr=0.25" in argv:
-            raise SystemExit("train.py: error: something else")
+            raise cli.fail("train.py", cli.UserError("something else"))
         return {"val_loss": 2.5}
 
     monkeypatch.setattr(train, "main", fake_main)
