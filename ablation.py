@@ -16,7 +16,7 @@ as a positive difference over the first decay steps.
     python ablation.py --arms=adamw,muon,muon_spectral,muon_polar,muon_split --seeds=1,2,3
     python ablation.py --branch=start --arms=hp,fp8,fp8_current    # FP8 parity: every arm from step 0
     python ablation.py --quick               # a tiny version, under a minute (tests/ run it)
-    # GPU proxy (see the README for data and cost):
+    # GPU proxy (see docs/experiments.md for data and cost):
     python ablation.py --train_args="--preset=nano --data_dir=data/packages-byte --max_iters=600 --decay_iters=120 \
         --warmup_iters=60 --batch_size=16 --total_batch_size=59392 --eval_interval=100" --out=runs/ablation-nano
 

@@ -2,7 +2,7 @@
 bench.py: how fast nanoXmodel trains, measured side by side with the alternatives in one run.
 
     python bench.py --report         # GPU, ~8 min: pytest -m gpu, every section, a short real --fp8 --muon_at_decay
-                                     # run; writes bench_report/report.json and the table the README shows
+                                     # run; writes bench_report/report.json and the table docs/speed.md shows
     python bench.py                  # GPU: every section at the whole 1.3B model (48 layers) and at 12 of them
     python bench.py --layers=12 --only=train,hf                 # some sections, one shape
     python bench.py --preset=nano --only=train --batch_size=16  # the 20M proxy
@@ -777,7 +777,7 @@ def real_run(args, device, out_dir, timeout):
 
 
 def markdown(report):
-    """The table the README's Speed section shows."""
+    """The table docs/speed.md shows."""
     i = report["info"]
     num = lambda v, fmt: format(v, fmt) if v else ""
     lines = [f"{i['device']}, driver {i['driver']}, torch {i['torch']}, triton {i['triton']}, transformers "

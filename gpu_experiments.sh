@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The recipe's claims at GPU proxy scale, in one command for one lent H100/H200 (estimated 8-10 minutes; the
-# first session that runs it records the real time in the README). What it runs:
+# first session that runs it records the real time in docs/experiments.md). What it runs:
 #   1. data: the embedded corpus plus the docstrings of every installed package, byte tokens, no network
 #      (prepare_data.py --source embedded,packages=1: tens of MB on a machine with torch, jax and friends;
 #      each run below reads ~18M tokens of it, under one epoch)
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT_DIR=${OUT_DIR:-runs/gpu}
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_experiments.sh: needs a CUDA GPU; on a CPU run ablation.py and mup_sweep.py (README: Experiments)" >&2
+    echo "gpu_experiments.sh: needs a CUDA GPU; on a CPU run ablation.py and mup_sweep.py (docs/experiments.md)" >&2
     exit 1
 fi
 start=$(date +%s)
