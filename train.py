@@ -9,7 +9,7 @@ One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs an
     python train.py --resume=out/ckpt_0000360.pt --out_dir=out-long --long_context=512:80   # the long-context phase
     torchrun --standalone --nproc_per_node=8 train.py --preset=xmodel-2.5 --data_dir=data/X
     # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
-    #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X
+    #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X --batch_size=2
 
 Read top to bottom: the presets, the schedule as pure functions of (step, args), the optimizers, the set-up,
 then loop(), where each idea of the recipe is one named line; the flags are at the bottom (--help shows their
@@ -20,6 +20,7 @@ continuable: --resume continues it exactly; Ctrl-C or SIGTERM saves a checkpoint
 import argparse
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
@@ -54,29 +55,31 @@ def refuse(message):
 TRAIN_PRESETS = {
     "cpu": dict(max_iters=360, warmup_iters=30, decay_iters=80, total_batch_size=16 * 256, batch_size=16,
                 batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, log_interval=10,
-                sample_len=200),
+                sample_len=200, long_context_warmup=4),
     "nano": dict(max_iters=5000, warmup_iters=200, decay_iters=1000, total_batch_size=32 * 3712, batch_size=16,
                  batch_double_step=0, eval_interval=250, eval_iters=20, ckpt_interval=1000, log_interval=1,
-                 sample_len=0),
+                 sample_len=0, long_context_warmup=50),
     "xmodel-2.5": dict(max_iters=550_000, warmup_iters=2000, decay_iters=20_000, total_batch_size=480 * 3712,
                        batch_size=4, batch_double_step=270_000, eval_interval=2000, eval_iters=50,
-                       ckpt_interval=2000, log_interval=1, sample_len=0),
+                       ckpt_interval=2000, log_interval=1, sample_len=0, long_context_warmup=500),
 }
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
-# the recipe's long-context phase (RECIPE.md section 3): after the decay, 8k then 16k context, LR linear from
-# 1.04e-4 (where the decay ended: the 1.3B hidden peak 1.667e-3 / 16) to 1e-5
-LONG_CONTEXT_LR_DROP = 1e-5 / 1.04e-4
-DECAY_SHAPES = {
+DECAY_SHAPES = {  # coeff(t), 1 at the decay's start (t = 0) -> its end (t = 1)
     "exponential": lambda t: 2 * 0.5 ** t - 1,  # the released decay scripts: 1 -> 0
     "minicpm": lambda t: 0.5 ** t,              # MiniCPM's original WSD: 1 -> 0.5
     "linear": lambda t: 1 - t,
     "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
     "1-sqrt": lambda t: 1 - math.sqrt(t),
 }
-
+# the long-context phase as released (RECIPE.md section 3): a fresh optimizer and schedule, a warmup from 1e-6
+# (--lr-warmup-init) to where the decay ended, then linear to 1e-5 (--min-lr, --decoupled-min-lr) for every group;
+# each stage's global batch in sequences and micro-batch, per sequence length (train_decay_fp8_1117/1118.sh)
+LONG_CONTEXT_LR_INIT, LONG_CONTEXT_MIN_LR = 1e-6, 1e-5
+RELEASE_LONG_CONTEXT_BATCH = {8192: (960, 2), 16384: (240, 1)}
 
 # -----------------------------------------------------------------------------
-# the Warmup-Stable-Decay schedule, the batch and the switch: pure functions of (step, args)
+# the Warmup-Stable-Decay schedule, the batch and the switch: pure functions of (step, args). Step s trains with
+# the LR Megatron's iteration s does (its scheduler starts at step(0) and steps after each optimizer step).
 
 
 def decay_start(args):
@@ -84,25 +87,36 @@ def decay_start(args):
 
 
 def total_iters(args):
-    return args.max_iters + sum(steps for _, steps in args.long_context)  # the long-context phase comes after
+    return args.max_iters + sum(steps for _, steps, _, _ in args.long_context)  # the long-context phase: after
 
 
 def lr_mult(step, args):
-    """LR at `step` (0-based) as a fraction of the peak: linear warmup, constant, decay to min_lr_ratio, then (long
-    context) linear to long_context_lr_end; with --switch_warmup, a linear re-warmup after the switch to Muon."""
+    """The LR at `step` (0-based, before the long-context phase) as a fraction of the peak: linear warmup from 0,
+    constant, then the decay from the peak towards min_lr_ratio; with --switch_warmup, a linear re-warmup after the
+    switch to Muon."""
     if step < args.warmup_iters:
-        return (step + 1) / args.warmup_iters
+        return step / args.warmup_iters  # 0 on the first step, as Megatron's warmup
     if step < decay_start(args):
         return 1.0
-    if step >= args.max_iters:  # the long-context phase
-        t = (step - args.max_iters + 1) / (total_iters(args) - args.max_iters)
-        return args.min_lr_ratio + t * (args.long_context_lr_end - args.min_lr_ratio)
-    t = (step - decay_start(args) + 1) / args.decay_iters  # reaches 1 on the last step
+    t = (step - decay_start(args)) / args.decay_iters  # 0 on the decay's first step, (T-1)/T on its last
     mult = args.min_lr_ratio + DECAY_SHAPES[args.decay_shape](t) * (1 - args.min_lr_ratio)
     since_switch = step - decay_start(args)
     if args.muon_at_decay and since_switch < args.switch_warmup:
         mult *= (since_switch + 1) / (args.switch_warmup + 1)
     return mult
+
+
+def group_lr(step, args, group_mult=1.0):
+    """The LR a param group with muP multiplier group_mult (1 for the embedding, 1/m for hidden matrices) trains
+    with at `step`. In the long-context phase, a fresh schedule: warmup from --long_context_lr_init to the decay's
+    end (peak x group_mult x min_lr_ratio), then linear to --long_context_min_lr, the same floor for every group."""
+    if step < args.max_iters:
+        return args.lr * lr_mult(step, args) * group_mult
+    j, n, warmup = step - args.max_iters, total_iters(args) - args.max_iters, args.long_context_warmup
+    top, floor = args.lr * group_mult * args.min_lr_ratio, args.long_context_min_lr
+    if 0 < warmup and j <= warmup:
+        return args.long_context_lr_init + (top - args.long_context_lr_init) * j / warmup
+    return floor + (1 - (j - warmup) / (n - warmup)) * (top - floor)
 
 
 def phase(step, args):
@@ -115,51 +129,70 @@ def phase(step, args):
     return "stable2" if 0 < args.batch_double_step <= step else "stable"
 
 
+def stage(step, args):
+    """The long-context stage (seq, steps, batch, micro) `step` is in, or None before the long-context phase."""
+    end = args.max_iters
+    for st in args.long_context:
+        end += st[1]
+        if args.max_iters <= step < end:
+            return st
+    return None
+
+
 def long_context_starts(args):
-    """The first step of each long-context sub-phase."""
+    """The first step of each long-context stage."""
     starts = [args.max_iters]
-    for _, steps in args.long_context:
+    for _, steps, _, _ in args.long_context:
         starts.append(starts[-1] + steps)
     return starts[:-1]
 
 
 def seq_len(step, args):
-    """Tokens a sequence at `step`: --block_size, or in the long-context phase its sub-phase's."""
-    end = args.max_iters
-    for seq, steps in args.long_context:
-        end += steps
-        if args.max_iters <= step < end:
-            return seq
-    return args.block_size
+    """Tokens a sequence at `step`: --block_size, or in the long-context phase its stage's."""
+    return stage(step, args)[0] if stage(step, args) else args.block_size
 
 
 def micro_batch(step, args):
-    """Sequences per micro-step: batch_size at block_size; at a longer context, as many tokens in fewer sequences."""
-    seq = seq_len(step, args)
-    if (args.batch_size * args.block_size) % seq:
-        raise refuse(f"a micro-batch of batch_size*block_size = {args.batch_size}*"
-                         f"{args.block_size} tokens is not a whole number of {seq}-token sequences (--long_context)")
-    return args.batch_size * args.block_size // seq
+    """Sequences per micro-step per process: --batch_size, or the long-context stage's."""
+    return stage(step, args)[3] if stage(step, args) else args.batch_size
+
+
+def step_sequences(step, args):
+    """Sequences per optimizer step, all processes together: the batch doubles at --batch_double_step."""
+    if stage(step, args):
+        return stage(step, args)[2]
+    return args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1) // args.block_size
 
 
 def grad_accum_steps(step, args, world_size):
-    total = args.total_batch_size * (2 if 0 < args.batch_double_step <= step else 1)
-    per_micro = args.batch_size * args.block_size * world_size  # (the same tokens at a longer context)
-    if total % per_micro:
-        raise refuse(f"a step of {total} tokens is not a whole number of micro-batches of "
-                         f"batch_size*block_size*world_size = {args.batch_size}*{args.block_size}*{world_size} = "
-                         f"{per_micro} tokens; make --total_batch_size a multiple of {per_micro}")
-    return total // per_micro
+    """Micro-steps per optimizer step: the step's sequences over (micro-batch x processes), a whole number."""
+    per_micro = micro_batch(step, args) * world_size
+    if step_sequences(step, args) % per_micro:
+        if stage(step, args):
+            raise refuse(f"a long-context step of {step_sequences(step, args)} sequences is not a whole number of "
+                         f"micro-batches of {micro_batch(step, args)}*{world_size} processes (--long_context="
+                         f"SEQ:STEPS:BATCH:MICRO)")
+        tokens, per_micro = step_sequences(step, args) * args.block_size, per_micro * args.block_size
+        raise refuse(f"a step of {tokens} tokens is not a whole number of micro-batches of batch_size*block_size*"
+                     f"world_size = {args.batch_size}*{args.block_size}*{world_size} = {per_micro} tokens; make "
+                     f"--total_batch_size a multiple of {per_micro}")
+    return step_sequences(step, args) // per_micro
 
 
 def step_tokens(step, args, world_size):
-    return grad_accum_steps(step, args, world_size) * args.batch_size * args.block_size * world_size
+    return step_sequences(step, args) * seq_len(step, args)
 
 
 def optimizer_kind(step, args):
     if args.optimizer == "muon" or (args.muon_at_decay and step >= decay_start(args)):
         return "muon"
     return "adamw"
+
+
+def fresh_optimizer(step, args, kind):
+    """Whether `step` starts a fresh optimizer (only the weights carry over): the switch to Muon (RECIPE.md section
+    4) and the long-context phase's start (the release's --no-load-optim)."""
+    return optimizer_kind(step, args) != kind or (step == args.max_iters and bool(args.long_context))
 
 
 def milestones(step, args):
@@ -170,28 +203,33 @@ def milestones(step, args):
     if step == decay_start(args):
         said.append(f"decay phase begins ({args.decay_shape}, {args.decay_iters} steps)")
     if step in long_context_starts(args):
-        said.append(f"long-context phase: {seq_len(step, args)} tokens a sequence, {micro_batch(step, args)} "
-                    f"sequences a micro-step (RECIPE.md section 3)")
+        said.append(f"long-context phase: {seq_len(step, args)} tokens a sequence, {step_sequences(step, args)} "
+                    f"sequences a step, {micro_batch(step, args)} a micro-step (RECIPE.md section 3)")
     return said
 
 
-def print_schedule(args, groups, world_size):
+def print_plan(args, groups, world_size):
+    """--dry_run: the phases, then the schedule at its milestones, at this world size."""
+    bounds = [0, args.warmup_iters, decay_start(args), args.max_iters, total_iters(args)]
+    if args.batch_double_step:
+        bounds.insert(2, args.batch_double_step)
+    print(f"{world_size} process(es); phases: " + ", ".join(f"{phase(a, args)} {b - a:,} steps" for a, b in
+                                                         zip(bounds, bounds[1:]) if b > a and a < bounds[-1]))
     start, end = decay_start(args), total_iters(args)
     marks = {0, args.warmup_iters - 1, start - 1, start, args.max_iters - 1, end - 1}
     marks |= {start + round(f * args.decay_iters) - 1 for f in (0.25, 0.5, 0.75)}
-    if args.batch_double_step > 0:
-        marks |= {args.batch_double_step - 1, args.batch_double_step}
-    for first in long_context_starts(args):  # each long-context sub-phase's first step, and the one before
-        marks |= {first - 1, first}
-    print(f"{'step':>9} {'phase':>8} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
-          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6}")
+    for first in [args.batch_double_step or 1, *long_context_starts(args)]:  # where the batch or context
+        marks |= {first - 1, first}                                            # changes, and the step before
+    if args.long_context:  # the long-context warmup's end
+        marks.add(args.max_iters + args.long_context_warmup)
+    print(f"{'step':>9} {'phase':>12} {'lr/peak':>8} " + " ".join(f"{'lr ' + g['name']:>14}" for g in groups)
+          + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6} {'seqs/step':>9} {'micro':>5}")
     for s in sorted(m for m in marks if 0 <= m < end):
-        mult = lr_mult(s, args)
-        accum = grad_accum_steps(s, args, world_size)
-        print(f"{s:>9} {phase(s, args):>8} {mult:>8.4f} "
-              + " ".join(f"{args.lr * mult * g['lr_mult']:>14.3e}" for g in groups)
-              + f" {accum * args.batch_size * args.block_size * world_size:>12,} {accum:>6}"
-              + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6}")
+        print(f"{s:>9} {phase(s, args):>12} {group_lr(s, args) / args.lr:>8.4f} "
+              + " ".join(f"{group_lr(s, args, g['lr_mult']):>14.3e}" for g in groups)
+              + f" {step_tokens(s, args, world_size):>12,} {grad_accum_steps(s, args, world_size):>6}"
+              + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6} {step_sequences(s, args):>9,}"
+              + f" {micro_batch(s, args):>5}")
 
 
 # -----------------------------------------------------------------------------
@@ -210,9 +248,11 @@ def build_optimizer(model, args, device, kind):
     raise ValueError(f"unknown optimizer {kind}")
 
 
-def set_lr(optimizer, lr):  # muP: each group at the peak's lr times its own lr_mult (model.param_groups)
+def set_lr(optimizer, step, args):
+    """Every param group at its LR for `step` (muP: its own multiple of the schedule's); the peak group's LR."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_mult"]
+        g["lr"] = group_lr(step, args, g["lr_mult"])
+    return group_lr(step, args)
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +278,7 @@ def setup_model(args, meta, device, log):
     pretrained = None
     try:
         config = GPTConfig.from_preset(args.preset, **overrides)
-        if args.init_from:  # a released checkpoint: its architecture and weights
+        if args.init_from and device.type != "meta":  # a released checkpoint: its architecture and weights
             import hf  # (Hugging Face interop: needs safetensors, and huggingface_hub for a hub id)
             config, pretrained = hf.init_from(args.init_from, config.block_size, meta["tokenizer"], args.data_dir, log)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a missing --init_from, an unreachable hub)
@@ -247,13 +287,14 @@ def setup_model(args, meta, device, log):
         raise ConfigError(f"--vocab_size={config.vocab_size} is smaller than the data's tokenizer "
                           f"({meta['tokenizer']}: {meta['vocab_size']})")
     if args.long_context:  # (the weights do not depend on block_size)
-        config = replace(config, block_size=max(args.block_size, *(seq for seq, _ in args.long_context)))
+        config = replace(config, block_size=max(args.block_size, *(st[0] for st in args.long_context)))
     torch.manual_seed(args.seed)
     if pretrained is not None and not args.resume:  # (a resumed run's checkpoint has newer weights)
         model = hf.empty_model(config, device)  # no random init for the loaded weights to overwrite
         model.load_state_dict(pretrained)
     else:
-        model = GPT(config).to(device)
+        with torch.device("meta") if device.type == "meta" else nullcontext():  # (--dry_run: shapes only)
+            model = GPT(config).to(device)
     model.chunked_loss = args.chunked_loss
     if args.fp8:  # swaps the block linears in place; the weights and the param groups stay the same
         for name, reason in fp8.convert_to_fp8(model, recipe=args.fp8_recipe):
@@ -275,6 +316,8 @@ def mean_loss(model, batches, autocast):
 
 
 def train(args):
+    if args.dry_run:
+        return dry_run(args)
     # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
     run_on = launch(args.device, timeout=timedelta(hours=1))
     log = print if run_on.master else (lambda *a, **k: None)
@@ -283,20 +326,14 @@ def train(args):
         muon.check_triton(run_on.device) if args.ns_triton else None
     except ValueError as e:
         raise ConfigError(e) from None
+    check_batches(args, run_on.world_size)
     meta, train_loader, val_loader = prepare_data.loaders(args.data_dir, run_on)
     for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
         for step in [0, *long_context_starts(args)]:
             loader.check_fits(micro_batch(step, args), seq_len(step, args))
     tok = sample_tokenizer(args, meta, log) if run_on.master else None
     model = setup_model(args, meta, run_on.device, log)
-    grad_accum_steps(0, args, run_on.world_size)  # fail early on a batch that does not divide
-    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
-        f"non-embedding), width multiplier m = {model.config.width_mult:g}, muP {'on' if model.config.mup else 'off'}")
-    run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
-    log("config: " + json.dumps({"args": run_args, "model": asdict(model.config), "world_size": run_on.world_size}))
-    if args.dry_run:
-        print_schedule(args, model.param_groups(args.weight_decay), run_on.world_size)
-        return {"config": model.config, "args": args}
+    describe(model, args, run_on.world_size, log)
     autocast = torch.autocast(run_on.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     # the checkpoints at the decay's start (where ablations branch) and end (where the long-context phase does)
     # stay whatever --keep_ckpts says
@@ -308,6 +345,37 @@ def train(args):
         sample(model, tok, args.sample_len, run_on.device, autocast, log)
     finish(run_on)
     return {"val_loss": val_loss, "best_val": best_val, "config": model.config, "args": args}
+
+
+def dry_run(args):
+    """--dry_run: the resolved config and the plan of every phase at --world_size processes (or torchrun's), its
+    batch arithmetic checked; no process group, no GPU, no data needed, the model on the meta device."""
+    started = int(os.environ.get("WORLD_SIZE", 0))
+    if started and args.world_size not in (None, started):
+        raise ConfigError(f"--world_size={args.world_size}, but torchrun started {started} processes; drop it")
+    world_size, log = args.world_size or started or 1, print if os.environ.get("RANK", "0") == "0" else id
+    check_batches(args, world_size)
+    has_data = os.path.exists(os.path.join(args.data_dir, "meta.json"))
+    meta = prepare_data.read_meta(args.data_dir) if has_data else dict(
+        vocab_size=GPTConfig(**PRESETS[args.preset]).vocab_size, tokenizer=None)  # (the preset's vocabulary)
+    model = setup_model(args, meta, torch.device("meta"), log)
+    describe(model, args, world_size, log)
+    if log is print:
+        print_plan(args, model.param_groups(args.weight_decay), world_size)
+    return {"config": model.config, "args": args}
+
+
+def check_batches(args, world_size):
+    """Every phase's batch divides into micro-batches at this world size: said now, not at step 270k."""
+    for step in [0, args.batch_double_step, *long_context_starts(args)]:
+        grad_accum_steps(step, args, world_size)
+
+
+def describe(model, args, world_size, log):
+    log(f"model: {model.num_params() / 1e6:.2f}M params ({model.num_params(embedding=False) / 1e6:.2f}M "
+        f"non-embedding), width multiplier m = {model.config.width_mult:g}, muP {'on' if model.config.mup else 'off'}")
+    run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
+    log("config: " + json.dumps({"args": run_args, "model": asdict(model.config), "world_size": world_size}))
 
 
 def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, log):
@@ -328,17 +396,17 @@ def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, l
             fp8.refresh(raw_model)  # FP8: the step's weight casts, shared by its micro-batches (and eval)
         for change in milestones(step, args):
             log(f"step {step}: {change}")
-        if optimizer_kind(step, args) != opt_kind:  # the switch (RECIPE.md section 4): a fresh optimizer, so the
-            log(f"step {step}: switching {opt_kind} -> {optimizer_kind(step, args)}: optimizer state dropped, "
-                f"weights carried over")  # old moments go and Muon's momentum starts at zero
-            opt_kind = optimizer_kind(step, args)
+        if fresh_optimizer(step, args, opt_kind):  # the switch to Muon, and the long-context phase: the old
+            kind = optimizer_kind(step, args)  # moments go, and Muon's momentum starts at zero
+            log(f"step {step}: " + (f"switching {opt_kind} -> {kind}" if kind != opt_kind else f"a fresh {kind}")
+                + ": optimizer state dropped, weights carried over")
+            opt_kind = kind
             optimizer = build_optimizer(raw_model, args, device, opt_kind)
         if args.eval_interval and step % args.eval_interval == 0:
             val_loss, best_val = validate(run, log, model, val_loader, step, args, autocast, tokens_seen, best_val)
 
         t0 = time.perf_counter()
-        lr = args.lr * lr_mult(step, args)  # WSD: the peak times the schedule's multiplier
-        set_lr(optimizer, lr)  # muP: every group at its own multiple of it
+        lr = set_lr(optimizer, step, args)  # WSD's LR for the step, muP's multiple of it for each group
         accum = grad_accum_steps(step, args, world_size)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
@@ -481,12 +549,17 @@ def get_parser():
          + per_preset("batch_size"))
     flag(g, "batch_double_step", type=int, default=None, range=ge0,
          help="step from which the batch doubles, 0 = never; " + per_preset("batch_double_step"))
-    flag(g, "long_context", default="", metavar="SEQ:STEPS[,SEQ:STEPS]",
-         help="the recipe's fourth phase, after --max_iters: STEPS more steps at SEQ tokens a sequence (the same "
-              "tokens per micro-batch: fewer sequences), e.g. 8192:5000,16384:5000; LR linear from the decay's end "
-              "to --long_context_lr_end; continues a decay checkpoint at a longer context with --resume=PATH")
-    flag(g, "long_context_lr_end", type=float, default=None, range=Range(0, 1),
-         help="LR at the end of the long-context phase / peak; default min_lr_ratio * 1e-5/1.04e-4 (the recipe's)")
+    flag(g, "long_context", default="", metavar="SEQ:STEPS[:BATCH[:MICRO]],...",
+         help="the recipe's fourth phase, after --max_iters, in stages: STEPS steps at SEQ tokens a sequence, BATCH "
+              "sequences a step, MICRO a micro-step (default: the release's for 8192 and 16384, else the decay's "
+              "tokens a step and a micro-step), e.g. 8192:3000,16384:7000; a fresh optimizer and LR schedule; "
+              "continues a decay checkpoint with --resume=PATH")
+    flag(g, "long_context_warmup", type=int, default=None, range=ge0,
+         help="the long-context phase's LR warmup steps; " + per_preset("long_context_warmup"))
+    flag(g, "long_context_lr_init", type=float, default=LONG_CONTEXT_LR_INIT, range=ge0,
+         help="where its warmup starts (every group)")
+    flag(g, "long_context_min_lr", type=float, default=LONG_CONTEXT_MIN_LR, range=ge0,
+         help="where it ends, linear from the decay's end LRs (every group)")
     flag(g, "switch_warmup", type=int, default=0, range=ge0,
          help="steps of linear LR re-warmup after the AdamW -> Muon switch (Muon's momentum starts at zero), 0 = none")
     flag(g, "stop_after", type=int, default=None, range=ge1,
@@ -524,13 +597,20 @@ def get_parser():
          help="start fresh even if --out_dir holds checkpoints (they are replaced)")
     flag(g, "sample_len", type=int, default=None, range=ge0,
          help="tokens of text sampled at the end; " + per_preset("sample_len"))
-    flag(g, "dry_run", type=str2bool, nargs="?", const=True, default=False, help="print config and schedule, then exit")
+    flag(g, "dry_run", type=str2bool, nargs="?", const=True, default=False,
+         help="print the config and the plan of every phase (batch arithmetic, LRs), then exit: no GPU, no data")
+    flag(g, "world_size", type=int, default=None, range=ge1,
+         help="--dry_run: plan for this many processes (under torchrun it must equal WORLD_SIZE)")
+    flag(g, "logger", default="", metavar="tensorboard,wandb,trackio",
+         help="dashboards that get every log.jsonl entry too (rank 0; optional packages; log.jsonl stays)")
+    flag(g, "logger_dir", default=None, help="where the tensorboard and trackio files go; default --out_dir")
+    flag(g, "run_name", default=None, help="the run's name in a dashboard; default --out_dir's name")
     return p
 
 
 def parse_args(argv=None):
     """The flags, resolved once into what the code uses: --preset's schedule for the flags not given, the model's
-    block_size, --decay_frac as decay_iters, --long_context as [(seq, steps)], the device-dependent defaults."""
+    block_size, --decay_frac as decay_iters, --long_context's stages, the device-dependent defaults."""
     args = get_parser().parse_args(argv)
     if args.decay_frac is not None and args.decay_iters is not None:
         raise refuse("give --decay_iters or --decay_frac, not both")
@@ -542,24 +622,44 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_iters <= decay_start(args):
         raise refuse(f"warmup ({args.warmup_iters}) + decay ({args.decay_iters}) steps do not fit in "
                      f"--max_iters={args.max_iters}")
-    given = args.long_context
-    try:
-        args.long_context = [tuple(int(v) for v in p.split(":")) for p in given.split(",") if p]
-        assert all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in args.long_context)
-    except (ValueError, AssertionError):
-        raise refuse(f"--long_context={given}: expected SEQ:STEPS[,SEQ:STEPS], positive integers, e.g. "
-                     f"8192:5000,16384:5000") from None
-    if args.long_context_lr_end is None:
-        args.long_context_lr_end = args.min_lr_ratio * LONG_CONTEXT_LR_DROP
+    # the sequence length of warmup, stable and decay (--init_from keeps it too)
+    args.block_size = args.block_size or GPTConfig(**PRESETS[args.preset]).block_size
+    args.long_context = parse_long_context(args.long_context, args)
     given = [k for k in MODEL_FIELDS if getattr(args, k) is not None and k != "block_size"]
     if args.init_from and given:
         raise refuse(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")
-    # the sequence length of warmup, stable and decay (--init_from keeps it too)
-    args.block_size = args.block_size or GPTConfig(**PRESETS[args.preset]).block_size
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     args.compile = gpu if args.compile is None else args.compile
     args.dtype = ("bfloat16" if gpu else "float32") if args.dtype == "auto" else args.dtype
     return args
+
+
+def parse_long_context(text, args):
+    """--long_context's stages as (seq, steps, batch, micro) tuples, the batch and micro-batch filled in."""
+    stages = []
+    for part in filter(None, text.split(",")):
+        try:
+            nums = [int(v) for v in part.split(":")]
+            assert 2 <= len(nums) <= 4 and all(v > 0 for v in nums)
+        except (ValueError, AssertionError):
+            raise refuse(f"--long_context={text}: expected SEQ:STEPS[:BATCH[:MICRO]][,...], positive integers, e.g. "
+                         f"8192:3000,16384:7000") from None
+        seq, steps = nums[:2]
+        if seq < args.block_size:
+            raise refuse(f"--long_context={text}: a {seq}-token stage is shorter than the training context "
+                         f"(--block_size={args.block_size}); the phase lengthens it")
+        default = RELEASE_LONG_CONTEXT_BATCH.get(seq) if args.preset == "xmodel-2.5" else None
+        if default is None and len(nums) < 4:  # the decay's tokens a step and a micro-step, in longer sequences
+            micro_tokens = args.batch_size * args.block_size
+            if micro_tokens % seq:
+                raise refuse(f"--long_context={text}: a micro-batch of batch_size*block_size = {args.batch_size}*"
+                             f"{args.block_size} tokens is not a whole number of {seq}-token sequences; give the "
+                             f"stage's batch and micro-batch: {seq}:{steps}:BATCH:MICRO")
+            doubled = 0 < args.batch_double_step < args.max_iters
+            default = (args.total_batch_size * (2 if doubled else 1) // seq, micro_tokens // seq)
+        batch, micro = (nums[2:] + list(default or ())[len(nums) - 2:])[:2]
+        stages.append((seq, steps, batch, micro))
+    return stages
 
 
 def main(argv=None):

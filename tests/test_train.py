@@ -111,12 +111,14 @@ def ref_run(ref_runs):
 # the Warmup-Stable-Decay schedule, against the definitions (RECIPE.md section 3)
 
 def ref_lr_mult(step, max_iters, warmup, decay, shape, min_ratio):
+    # Megatron's convention (RECIPE.md section 3): step i trains with lr(i), 0 on the first warmup step, the peak on
+    # the decay's first step
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     decay_start = max_iters - decay
     if step < decay_start:
         return 1.0
-    t = (step - decay_start + 1) / decay
+    t = (step - decay_start) / decay
     coeff = {"exponential": 2 * 0.5 ** t - 1, "minicpm": 0.5 ** t, "linear": 1 - t,
              "cosine": (1 + math.cos(math.pi * t)) / 2, "1-sqrt": 1 - math.sqrt(t)}[shape]
     return min_ratio + coeff * (1 - min_ratio)
@@ -153,16 +155,17 @@ def test_lr_mult_matches_reference(shape, max_iters, warmup, decay, min_ratio):
 def test_schedule_shape_properties(shape):
     max_iters, warmup, decay, min_ratio = 60, 6, 21, 1 / 16
     args = schedule_args(max_iters, warmup, decay, shape, min_ratio)
-    lrs = [train.lr_mult(s, args) for s in range(max_iters)]
-    assert lrs[:warmup] == sorted(set(lrs[:warmup])) and lrs[warmup - 1] == 1.0  # rises strictly to the peak
-    assert lrs[warmup:max_iters - decay] == [1.0] * (max_iters - decay - warmup)
-    tail = lrs[max_iters - decay - 1:]  # the last stable step, then the decay
-    assert all(a >= b for a, b in zip(tail, tail[1:])) and tail[1] < 1.0
+    lrs = [train.lr_mult(s, args) for s in range(max_iters + 1)]  # (step max_iters: where the decay ends)
+    # rises strictly from 0 to the peak, which the first stable step reaches
+    assert lrs[0] == 0 and lrs[:warmup + 1] == sorted(set(lrs[:warmup + 1])) and lrs[warmup] == 1.0
+    assert lrs[warmup:max_iters - decay + 1] == [1.0] * (max_iters - decay - warmup + 1)  # the decay starts at it
+    tail = lrs[max_iters - decay:]  # the decay, then where it ends
+    assert all(a > b for a, b in zip(tail, tail[1:]))
     if shape == "minicpm":  # MiniCPM's 0.5^t ends halfway between the peak and min_lr_ratio
         assert lrs[-1] == pytest.approx(min_ratio + 0.5 * (1 - min_ratio), rel=1e-12)
-    else:  # the others reach exactly min_lr_ratio on the last step
-        assert lrs[-1] == min_ratio
-    assert min(lrs) >= min_ratio
+    else:  # the others end exactly at min_lr_ratio, which the last step trains just above
+        assert lrs[-1] == pytest.approx(min_ratio, abs=1e-15) and lrs[-2] > min_ratio
+    assert min(lrs[1:]) >= min_ratio
 
 
 def test_phase_with_batch_doubling():
@@ -759,11 +762,13 @@ def test_long_context_continues_a_decay_checkpoint_and_learns_the_longer_context
     steps, vals = read_log(lc)
     assert sorted(steps) == list(range(12, 24)) and all(steps[s]["phase"] == "long_context" for s in steps)
     assert [steps[s]["seq_len"] for s in sorted(steps)] == [64] * 8 + [128] * 4
-    # the same tokens a step (half the sequences, twice as long), the LR linear from the decay's end
+    # the same tokens a step (half the sequences, twice as long); the release's fresh schedule: a warmup from 1e-6
+    # to the decay's end (0.01/16 for the embedding), then linear to 1e-5 at the phase's end (12 steps, warmup 4)
     assert all(steps[s]["tokens"] - steps[s - 1]["tokens"] == 256 for s in range(13, 24))
-    end = 1 / 16 * train.LONG_CONTEXT_LR_DROP
     for s in range(12, 24):
-        assert steps[s]["lr"] == pytest.approx(0.01 * (1 / 16 + (s - 11) / 12 * (end - 1 / 16)))
+        j, top = s - 12, 0.01 / 16
+        ref = 1e-6 + (top - 1e-6) * j / 4 if j <= 4 else 1e-5 + (1 - (j - 4) / 8) * (top - 1e-5)
+        assert steps[s]["lr"] == pytest.approx(ref, rel=1e-12)
     # at the longer context the continued model is better than the decay checkpoint it started from
     entries = [json.loads(line) for line in open(lc / "log.jsonl") if "val_loss" in line]
     at_64 = [e["val_loss"] for e in entries if e["seq_len"] == 64]
@@ -781,7 +786,7 @@ def test_a_longer_block_size_is_refused_outside_the_long_context_phase(ref_run, 
 
 
 def test_bad_long_context_values_are_one_line():
-    for bad in ("512", "512:0", "a:b", "512:10:3", "-512:10"):
+    for bad in ("512", "512:0", "a:b", "512:10:3:2:1", "-512:10", "512:10:0"):
         with pytest.raises(SystemExit, match="expected SEQ:STEPS"):
             train.parse_args([f"--long_context={bad}"])
 
