@@ -25,6 +25,8 @@ alone gave +4.58 points on the 13-task average.
     has RMS 1/sqrt(max(rows, cols)), so the step gets AdamW's typical RMS of 0.2 and Muon reuses AdamW's
     lr and weight decay. At the 1.3B peak, eta/m = 0.01/6 = 1.667e-3, the effective Muon LRs are
         QKV 2560x1536: 0.0169   attn out 1536x1536: 0.0131   gate+up 7680x1536: 0.0292   down 1536x3840: 0.0207
+    Whether that LR transfers across width is open (RECIPE.md section 4); muon_scale picks another rule
+    (MUON_SCALES below).
 
 On CUDA the two Gram-matrix products of each step run as a Triton kernel that computes only the upper-
 triangle tiles of the symmetric result and mirrors them: a quarter to a third fewer FLOPs per step. Under
@@ -40,6 +42,7 @@ import importlib.util
 import math
 import os
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -164,24 +167,70 @@ def sym_poly(A, b, c, block=None, block_k=None, launch=None):
     return _launch(A, True, b, c, block, block_k, launch).reshape(A.shape)
 
 # -----------------------------------------------------------------------------
-# the optimizer: Muon for the hidden matrices, AdamW for the rest
+# the width rules: how big a step Muon takes, and how its LR follows the width
+#
+# U V^T has singular values ~1 whatever its shape, so a step's spectral norm is its LR times its scale. With the
+# width multiplier m = n_embd / base_width and rows, cols proportional to the width, that norm goes as
+#   moonlight          eta/m       * 0.2 sqrt(max(rows, cols))   m^-1/2: a proxy-tuned LR steps less wider
+#   moonlight_sqrt_m   eta/sqrt(m) * 0.2 sqrt(max(rows, cols))   m^0
+#   unit_rms_norm      eta         * sqrt(rows / cols)           m^0, and RMS(dW x) ~ eta RMS(x) along the step,
+#                                                                any shape (the spectral condition, Yang et al. 2023)
+#   spectral           eta/m       * sqrt(max(1, rows / cols))   m^-1
+# (Megatron-LM's "spectral" mode is sqrt(max(rows, cols)), not Keller Jordan's; its unit_rms_norm is the above.)
+# rows x cols is the matrix Newton-Schulz sees: a fused qkv or gate+up whole, or each block with split_fused; for a
+# Linear's (out, in) weight rows / cols = fan_out / fan_in. The hidden group carries AdamW's muP multiplier
+# lr_mult = 1/m (model.param_groups), so its lr is eta_t/m; a rule whose LR is eta/m**e steps with
+# lr * lr_mult**(e - 1) (muon_lr), and e = 1 is the group's lr exactly.
+
+
+class MuonScale(NamedTuple):
+    step: Callable  # (lr, rows, cols) -> the multiple of U V^T subtracted from a rows x cols matrix
+    lr_exp: float   # Muon's LR for the hidden matrices is eta / m**lr_exp
+    help: str       # for train.py's --muon_scale
+
+
+MUON_SCALES = {
+    "moonlight": MuonScale(lambda lr, rows, cols: lr * 0.2 * math.sqrt(max(rows, cols)), 1.0,
+                           "lr*0.2*sqrt(max(rows,cols)) at eta/m: RMS-matched to AdamW (Moonlight), the recipe's"),
+    "moonlight_sqrt_m": MuonScale(lambda lr, rows, cols: lr * 0.2 * math.sqrt(max(rows, cols)), 0.5,
+                                  "lr*0.2*sqrt(max(rows,cols)) at eta/sqrt(m): the release's Muon width sweeps "
+                                  "(hpo/muon_mup_width_transfer_v14..v16.py)"),
+    "unit_rms_norm": MuonScale(lambda lr, rows, cols: lr * math.sqrt(rows / cols), 0.0,
+                               "lr*sqrt(fan_out/fan_in) at eta for every width: Megatron-LM's width-invariant "
+                               "muP default (PR 3715, its unit_rms_norm)"),
+    "spectral": MuonScale(lambda lr, rows, cols: lr * math.sqrt(max(1, rows / cols)), 1.0,
+                          "lr*sqrt(max(1,rows/cols)) at eta/m: Keller Jordan's original"),
+}
+
+
+def muon_scale_rule(name):
+    if name not in MUON_SCALES:
+        raise ValueError(f"unknown muon_scale {name!r}: use one of {', '.join(MUON_SCALES)}")
+    return MUON_SCALES[name]
+
+
+def muon_lr(group):
+    """The LR a Muon group steps and decays with under its rule: its lr (eta_t * lr_mult, lr_mult = 1/m for the
+    hidden matrices) times lr_mult**(e - 1), which makes it eta_t / m**e."""
+    return group["lr"] * group.get("lr_mult", 1.0) ** (muon_scale_rule(group["muon_scale"]).lr_exp - 1)
 
 
 def adjusted_lr(lr, shape, muon_scale="moonlight"):
-    """The learning rate Muon steps a (rows x cols) matrix with, for the group's lr."""
+    """The multiple of U V^T that Muon subtracts from a (rows x cols) matrix at LR lr (muon_lr's)."""
     rows, cols = shape[-2:]
-    if muon_scale == "moonlight":  # RMS-matched to AdamW (the recipe's)
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    if muon_scale == "spectral":  # Keller Jordan's original
-        return lr * math.sqrt(max(1, rows / cols))
-    raise ValueError(f"unknown muon_scale {muon_scale!r}: use 'moonlight' or 'spectral'")
+    return muon_scale_rule(muon_scale).step(lr, rows, cols)
+
+
+# -----------------------------------------------------------------------------
+# the optimizer: Muon for the hidden matrices, AdamW for the rest
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for the groups named "hidden" (or marked muon=True), AdamW for all others, in one optimizer.
 
     Each group keeps its own lr (train.py sets group["lr"] = eta * lr_mult every step) and weight_decay; the
-    keywords are defaults that a group's own keys override. Momentum has torch.optim.Muon's form,
+    keywords are defaults that a group's own keys override. A Muon group steps with its width rule's LR, muon_lr
+    (muon_scale: one of MUON_SCALES). Momentum has torch.optim.Muon's form,
     buf <- mu buf + (1 - mu) g and Nesterov U = (1 - mu) g + mu buf: (1 - mu) times the classic
     buf <- mu buf + g, U = g + mu buf, a scale that Newton-Schulz does not see."""
 
@@ -197,7 +246,7 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(group)  # fills in the defaults
         group = self.param_groups[-1]
         group.setdefault("muon", group.get("name") == "hidden")
-        adjusted_lr(1.0, (1, 1), group["muon_scale"])  # an unknown scale fails now, not at the first step
+        muon_scale_rule(group["muon_scale"])  # an unknown rule fails now, not at the first step
         if group["muon"] and any(p.ndim != 2 for p in group["params"]):
             raise ValueError(f"Muon group {group.get('name')!r} holds a parameter that is not a matrix")
 
@@ -212,7 +261,7 @@ class Muon(torch.optim.Optimizer):
             if not group["muon"]:
                 self._adamw(group)
                 continue
-            mu, lr = group["momentum"], group["lr"]
+            mu, lr = group["momentum"], muon_lr(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -221,7 +270,7 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # every rank: cheap, and keeps rank 0's state_dict complete
                 u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled decay with the unadjusted lr
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled decay with the rule's lr, before the shape scale
                 rows = getattr(p, "fused_rows", None) if group["split_fused"] else None
                 r0 = 0
                 for part in u.split(rows) if rows else [u]:  # q, k, v (or gate, up) apart, if asked
@@ -229,7 +278,7 @@ class Muon(torch.optim.Optimizer):
                     targets.append((p, r0, group))
                     r0 += part.size(0)
         for (p, r0, group), o in zip(targets, self._orthogonalize(updates)):
-            p[r0:r0 + o.size(0)].add_(o, alpha=-adjusted_lr(group["lr"], o.shape, group["muon_scale"]))
+            p[r0:r0 + o.size(0)].add_(o, alpha=-adjusted_lr(muon_lr(group), o.shape, group["muon_scale"]))
         return loss
 
     def _orthogonalize(self, updates):

@@ -525,8 +525,9 @@ def get_parser():
 
     g = p.add_argument_group("Muon (muon.py; values: RECIPE.md section 4)")
     flag(g, "muon_momentum", type=float, default=0.95, range=unit)
-    flag(g, "muon_scale", default="moonlight", choices=["moonlight", "spectral"],
-         help="moonlight: lr*0.2*sqrt(max(rows,cols)), reuses AdamW's lr; spectral: lr*sqrt(max(1,rows/cols))")
+    flag(g, "muon_scale", default="moonlight", choices=list(muon.MUON_SCALES),
+         help="Muon's width rule (muon.MUON_SCALES): "
+              + "; ".join(f"{name}: {rule.help}" for name, rule in muon.MUON_SCALES.items()))
     flag(g, "ns_steps", type=int, default=5, range=ge1, help="Newton-Schulz iterations")
     flag(g, "ns_coeffs", default="quintic", choices=["quintic", "polar_express"])
     flag(g, "split_fused", type=str2bool, nargs="?", const=True, default=False,

@@ -267,6 +267,154 @@ def test_effective_lrs_at_1p3b_match_the_recipe():
                     "mlp.gate_up.weight": {0.0292}, "mlp.down.weight": {0.0207}}
 
 
+# -----------------------------------------------------------------------------
+# the width rules (muon.MUON_SCALES): the LR each gives, and how its step grows with width
+
+
+def test_moonlight_step_is_the_recipe_bit_for_bit():
+    # the default rule keeps the group's lr untouched (lr_mult**0 == 1.0): the step, written out, equals it exactly
+    model = tiny_gpt()  # n_embd 64: m = 1/4, so a rule that rescaled the lr would show
+    opt = muon.Muon(model.param_groups(weight_decay=0.1), lr=0.0)
+    set_lrs(opt, 0.01)
+    (hidden,) = [g for g in opt.param_groups if g["muon"]]
+    start = {p: p.detach().clone() for p in hidden["params"]}
+    loss_grads(model, 0)
+    opt.step()
+    lr = 0.01 * hidden["lr_mult"]
+    for p in hidden["params"]:
+        buf = torch.zeros_like(p).lerp_(p.grad, 1 - 0.95)
+        want = start[p].mul(1 - lr * 0.1)
+        want.add_(muon.zeropower_via_newtonschulz(p.grad.lerp(buf, 0.95)), alpha=-(lr * 0.2 * math.sqrt(max(p.shape))))
+        assert torch.equal(p, want)
+
+
+def test_each_rule_steps_the_hidden_matrices_at_eta_over_m_to_its_power():
+    # n_embd 512 over base 256: m = 2. Only the Muon matrices' LR changes with the rule, to eta/m**e; the
+    # AdamW-managed groups (embedding, norms) step the same under every rule
+    # each rule's LR and step size on a (rows x cols) matrix, written out from RECIPE.md section 4 and issue 21
+    want = {"moonlight": (1.0, lambda r, c: 0.2 * math.sqrt(max(r, c))),
+            "moonlight_sqrt_m": (0.5, lambda r, c: 0.2 * math.sqrt(max(r, c))),
+            "unit_rms_norm": (0.0, lambda r, c: math.sqrt(r / c)),
+            "spectral": (1.0, lambda r, c: math.sqrt(max(1, r / c)))}
+    steps = {}
+    for rule, (e, scale) in want.items():
+        model = tiny_gpt(n_embd=512, n_head=8, n_kv_head=2, mlp_hidden=1280)
+        opt = muon.Muon(model.param_groups(weight_decay=0.1), lr=0.0, muon_scale=rule)
+        set_lrs(opt, 0.01)
+        (hidden,) = [g for g in opt.param_groups if g["muon"]]
+        assert hidden["lr_mult"] == 1 / 2 and muon.muon_lr(hidden) == pytest.approx(0.01 / 2**e, rel=1e-12)
+        loss_grads(model, 0)
+        with torch.no_grad():
+            for p in hidden["params"]:
+                p.zero_()  # zero stays zero under decay: afterwards p is minus the orthogonalized step
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        steps[rule] = {n: start[n] - p.detach() for n, p in model.named_parameters()}
+        for n, d in steps[rule].items():
+            if n == "wte.weight" or d.dim() == 1:
+                assert torch.equal(d, steps["moonlight"][n]), (rule, n)
+            else:  # the recipe's step times the rule's step size over the recipe's
+                ratio = 0.01 / 2**e * scale(*d.shape) / (0.01 / 2 * 0.2 * math.sqrt(max(d.shape)))
+                torch.testing.assert_close(d, ratio * steps["moonlight"][n], atol=1e-9, rtol=1e-5, msg=f"{rule} {n}")
+
+
+def test_rules_are_named_for_help():
+    assert list(muon.MUON_SCALES)[0] == "moonlight"  # the recipe's comes first (train.py's default)
+    assert {"moonlight", "moonlight_sqrt_m", "unit_rms_norm", "spectral"} <= set(muon.MUON_SCALES)
+    for name, rule in muon.MUON_SCALES.items():
+        assert rule.help and "\n" not in rule.help and rule.lr_exp in (0.0, 0.5, 1.0), name
+
+
+WIDTHS = (64, 128, 256, 512, 1024)
+ETA = 0.01
+# d log ||dW||_2 / d log width: the step's LR (eta / m**e) times its scale, U V^T's singular values ~1 (muon.py)
+WIDTH_SLOPES = {"moonlight": -0.5, "moonlight_sqrt_m": 0.0, "unit_rms_norm": 0.0, "spectral": -1.0}
+
+
+def top_right_singular_vector(D):
+    D = D.double()
+    if D.size(0) < D.size(1):  # from the smaller Gram matrix
+        v = D.T @ torch.linalg.eigh(D @ D.T)[1][:, -1]
+        return v / v.norm()
+    return torch.linalg.eigh(D.T @ D)[1][:, -1]
+
+
+@pytest.fixture(scope="module")
+def width_sweep():
+    """One Muon step from a fixed random gradient per width, under each rule at the LR it gives from ETA, on the
+    square hidden (n, n) and the MLP's (2.5n, n) and (n, 2.5n). Per (rule, shape): a list over WIDTHS of
+    (||dW||_2, RMS(dW x) / RMS(x) for x along the step's top right singular vector), and the steps at base width."""
+    out, at_base = {}, {}
+    with pytest.MonkeyPatch.context() as mp:  # every rule orthogonalizes the same momentum: Newton-Schulz once each
+        mp.setattr(muon, "zeropower_via_newtonschulz", reuse_last(muon.zeropower_via_newtonschulz))
+        for n in WIDTHS:
+            with torch.device("meta"):  # the muP groups at this width, without the weights
+                model = GPT(GPTConfig(n_layer=1, n_embd=n, n_head=max(1, n // 64), n_kv_head=1,
+                                      mlp_hidden=5 * n // 2, vocab_size=64, block_size=16))
+            (hidden,) = [g for g in model.param_groups(weight_decay=0.1) if g["name"] == "hidden"]
+            for kind, shape in {"square": (n, n), "up": (5 * n // 2, n), "down": (n, 5 * n // 2)}.items():
+                grad = torch.randn(shape, generator=torch.Generator().manual_seed(n + len(kind)))
+                steps = {}
+                for rule in muon.MUON_SCALES:
+                    W = torch.zeros(shape)  # decay keeps zero at zero: afterwards W is minus the step
+                    opt = muon.Muon([dict(hidden, params=[W])], muon_scale=rule)
+                    set_lrs(opt, ETA)
+                    W.grad = grad
+                    opt.step()
+                    steps[rule] = -W.detach().double()
+                v = top_right_singular_vector(steps["moonlight"])  # every rule's too: the steps differ by a scalar
+                for rule, D in steps.items():
+                    y = D @ (v * math.sqrt(shape[1]))  # an input of RMS 1
+                    out.setdefault((rule, kind), []).append(((D @ v).norm().item(), y.pow(2).mean().sqrt().item()))
+                if model.config.width_mult == 1:
+                    at_base[kind] = steps
+    return out, at_base
+
+
+def reuse_last(f):
+    last = {}
+
+    def cached(G, *args, **kw):
+        if not (last and torch.equal(last["G"], G) and last["args"] == (args, kw)):
+            last.update(G=G.clone(), args=(args, kw), out=f(G, *args, **kw))
+        return last["out"].clone()
+    return cached
+
+
+def loglog_slope(ys):
+    x = [math.log(n) for n in WIDTHS]
+    y = [math.log(v) for v in ys]
+    xm, ym = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - xm) * (b - ym) for a, b in zip(x, y)) / sum((a - xm) ** 2 for a in x)
+
+
+@pytest.mark.parametrize("rule", list(WIDTH_SLOPES))
+def test_step_spectral_norm_against_width(width_sweep, rule):
+    # RECIPE.md section 4: the recipe's step shrinks as width^-1/2 (a proxy-tuned LR steps less at 1.3B), the
+    # release's sweep rule and Megatron-LM's width-invariant one stay flat, Keller Jordan's at eta/m falls as 1/width
+    out, _ = width_sweep
+    for kind in ("square", "up", "down"):
+        norms, rms = zip(*out[rule, kind])
+        assert loglog_slope(norms) == pytest.approx(WIDTH_SLOPES[rule], abs=0.02), (kind, norms)
+        assert loglog_slope(rms) == pytest.approx(WIDTH_SLOPES[rule], abs=0.02), (kind, rms)
+
+
+def test_width_invariant_rule_moves_outputs_by_eta(width_sweep):
+    # unit_rms_norm: an input of RMS 1 along the step moves the output's RMS by eta times U V^T's top singular
+    # value, at every width and for every shape: 1 to 1.21 (the quintic's largest output, p(0.5545) = 1.2025)
+    out, _ = width_sweep
+    for kind in ("square", "up", "down"):
+        for n, (_, rms) in zip(WIDTHS, out["unit_rms_norm", kind]):
+            assert ETA < rms < 1.21 * ETA, (kind, n, rms)
+
+
+def test_rules_agree_at_base_width(width_sweep):
+    # at m = 1 the release's sweep rule is the recipe's: eta/sqrt(m) = eta/m
+    _, at_base = width_sweep
+    for kind, steps in at_base.items():
+        assert torch.equal(steps["moonlight_sqrt_m"], steps["moonlight"]), kind
+
+
 def test_groups_are_checked():
     model = tiny_gpt()
     with pytest.raises(ValueError, match="not a matrix"):
