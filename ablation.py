@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ import time
 import evaluate
 import train
 from cli import Parser, Range, UserError, flag, run_main, split_words
-from safeio import atomic_write, make_dir, read_jsonl, write_json
+from safeio import FileLock, atomic_write, check_output, is_png, json_with, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
 ARMS = {
@@ -78,10 +79,16 @@ class AblationError(UserError):
 
 
 DONE = "ablation_run.json"  # in a run's out_dir once it has finished: the train.py flags it was made with
+OUTPUTS = {"results.json": ("results", json_with("arms", "control", "summary")), "decay.png": ("PNG", is_png),
+           "differences.png": ("PNG", is_png)}  # in --out, told by their content
 
 
 def train_run(argv, out_dir):
-    """train.main(argv + --out_dir) in this process, its output in out_dir/train.out; the result dict."""
+    """train.main(argv + --out_dir) in this process, its output in out_dir/train.out; the result dict. A run is
+    marked finished (DONE) only when it trained and ran its final evaluation."""
+    held = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if held and not {DONE, "train.out"} & set(held):  # (train.py --overwrite would replace someone's run)
+        raise AblationError(f"{out_dir} holds files ablation.py did not make; move it away or choose another --out")
     make_dir(out_dir, "--out")
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, DONE))  # (re)running: not finished until it says so again
@@ -93,16 +100,19 @@ def train_run(argv, out_dir):
             raise SystemExit(f"ablation.py: stopped by a signal in {out_dir}; the same command continues (finished "
                              f"arms are kept, an unfinished one runs again)") from None
         raise
-    write_json(os.path.join(out_dir, DONE), {"argv": argv})
+    if result.get("val_loss") is None:  # e.g. resumed at or past its end: nothing trained, no final evaluation
+        raise AblationError(f"train.py {' '.join(argv)} trained nothing in {out_dir}; it is not marked finished")
+    write_json(os.path.join(out_dir, DONE), {"argv": argv, "val_loss": result["val_loss"]})
     return result
 
 
 def finished(out_dir, argv):
     """Whether out_dir holds a finished run of exactly these flags (a run of other --train_args, another --arm
-    definition, or one killed before its final evaluation runs again)."""
+    definition, one killed before its final evaluation, or one that trained nothing runs again)."""
     try:
         with open(os.path.join(out_dir, DONE)) as f:
-            return json.load(f)["argv"] == argv
+            done = json.load(f)
+        return done["argv"] == argv and done["val_loss"] is not None
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -130,6 +140,16 @@ def run_seed(seed, arms, args, base_argv, decay_at, end):
 
 def arm_flags(arm, args):
     return [f.format(rewarm=max(1, args.decay_iters // 10)) for f in args.arm_defs[arm]]
+
+
+def check_arm(arm, args, base_argv, branch_at):
+    """An arm's flags, checked before any training: train.py takes them, and the arm trains past its branch point
+    (a --stop_after at or before it, or a --dry_run, would train nothing and leave no result)."""
+    a = train.parse_args([*base_argv, *arm_flags(arm, args)])  # (a bad flag: train.py's line, here)
+    stop = 0 if a.dry_run else min(train.total_iters(a), a.stop_after or math.inf)
+    if stop <= branch_at:
+        raise AblationError(f"arm {arm} ({' '.join(args.arm_defs[arm]) or 'no flags'}) would train nothing: with "
+                            f"--train_args it ends at step {stop}, at or before its branch point, step {branch_at}")
 
 
 EARLY = 10  # the decay steps right after the switch whose training losses are compared (the same batches)
@@ -234,7 +254,7 @@ def get_args(argv=None):
          "the control")
     flag(p, "arm", action="append", default=[], metavar="NAME:FLAGS", help="define an arm, e.g. "
          "'muon_m9:--muon_at_decay --muon_momentum=0.9' (repeatable); then name it in --arms")
-    flag(p, "seeds", default="1,2,3,4,5", help="train.py --seed of each stable phase")
+    flag(p, "seeds", default="1,2,3,4,5", help="train.py --seed of each stable phase, each once")
     flag(p, "branch", default="decay", choices=["decay", "start"], help="decay: the arms branch at the decay start "
          "from one stable phase (the paper's design); start: every arm trains from step 0 (e.g. FP8 parity)")
     flag(p, "train_args", default=CPU_TRAIN_ARGS, help="train.py flags shared by every run")
@@ -253,18 +273,39 @@ def get_args(argv=None):
         name, _, flags = spec.partition(":")
         if not name or not flags:
             p.error(f"--arm={spec!r}: expected NAME:FLAGS")
+        if not PLAIN_NAME.fullmatch(name) or ".." in name or name == "base":
+            p.error(f"--arm={spec}: {name!r} is not a plain name (letters, digits, _ . -; not base): it names the "
+                    "arm's run directory under --out")
         args.arm_defs[name] = split_words(p, flags, f"--arm={spec}")
-    args.arm_list = [a for a in args.arms.split(",") if a]
+    args.arm_list = comma_list(p, "--arms", args.arms, str, "names")
     unknown = [a for a in args.arm_list if a not in args.arm_defs]
-    if unknown or len(args.arm_list) < 1:
+    if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(args.arm_defs)} or define one with "
                 "--arm=NAME:FLAGS")
-    try:
-        args.seed_list = [int(s) for s in args.seeds.split(",") if s]
-        assert args.seed_list and all(s >= 0 for s in args.seed_list)
-    except (ValueError, AssertionError):
-        p.error(f"--seeds={args.seeds}: expected comma-separated non-negative integers")
+    args.seed_list = comma_list(p, "--seeds", args.seeds, seed_number, "non-negative integers")
     return args
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # an arm's name: a directory name, never a path
+
+
+def seed_number(s):
+    if not s.isdigit():
+        raise ValueError(s)
+    return int(s)
+
+
+def comma_list(p, name, text, item, kind):
+    """The values of a comma-separated flag (item parses one), each once: a seed given twice would count one result
+    as two, an arm given twice would be compared with itself. One line for a bad, repeated or missing value."""
+    try:
+        values = [item(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{name}={text}: expected comma-separated {kind}")
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if not values or twice:
+        p.error(f"{name}={text}: " + (f"{twice[0]} is given twice; name each once" if twice else "name at least one"))
+    return values
 
 
 def main(argv=None):
@@ -275,12 +316,20 @@ def ablate(args):
     base_argv = args.train_flags + ([f"--device={args.device}"] if args.device != "auto" else [])
     sched = train.parse_args(base_argv)  # the schedule every run shares (and a bad flag fails here, once)
     args.decay_iters = sched.decay_iters
-    for arm in args.arm_list:  # each arm's flags too, before hours of training reach it
-        train.parse_args([*base_argv, *arm_flags(arm, args)])
     decay_at, end = (train.decay_start(sched), train.total_iters(sched))
     if args.branch == "decay" and decay_at == 0:
         raise AblationError("the decay starts at step 0, so there is no stable phase to share; give --train_args a "
                             "--max_iters above --decay_iters")
+    for arm in args.arm_list:  # each arm's flags too, before hours of training reach it
+        check_arm(arm, args, base_argv, decay_at if args.branch == "decay" else 0)
+    make_dir(args.out, "--out")
+    with FileLock(os.path.join(args.out, ".lock"), "ablation.py run"):  # a second ablation into --out: one line
+        for name, (kind, is_ours) in OUTPUTS.items():  # it replaces its own outputs, nothing else
+            check_output(os.path.join(args.out, name), "--out", kind, is_ours, name)
+        return run_arms(args, base_argv, decay_at, end)
+
+
+def run_arms(args, base_argv, decay_at, end):
     t0 = time.time()
     print(f"ablation: arms {', '.join(args.arm_list)} (control {args.arm_list[0]}), seeds {args.seeds}, branch at "
           f"{'the decay start, step ' + str(decay_at) if args.branch == 'decay' else 'step 0'} of {end}; "

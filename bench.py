@@ -58,9 +58,9 @@ import fp8
 import hf
 import muon
 import prepare_data
-from cli import Parser, Range, flag, run_main
+from cli import Parser, Range, flag, run_main, setup_device
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
-from safeio import WriteError, atomic_write, make_dir, read_jsonl, write_json
+from safeio import WriteError, atomic_write, check_output, head, json_with, make_dir, read_jsonl, write_json
 from train import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
@@ -776,6 +776,9 @@ def real_run(args, device, out_dir, timeout):
     return res
 
 
+MD_HEADER = b"| section | shape | variant | ms | tokens/s | MFU | peak GiB | ratio, notes |"  # (tells report.md)
+
+
 def markdown(report):
     """The table docs/speed.md shows."""
     i = report["info"]
@@ -783,7 +786,7 @@ def markdown(report):
     lines = [f"{i['device']}, driver {i['driver']}, torch {i['torch']}, triton {i['triton']}, transformers "
              f"{i['transformers']}, torchao {i['torchao']}, liger-kernel {i['liger_kernel']}; {i['date']}, commit "
              f"{i['commit']}. `pytest -m gpu`: {report['pytest_gpu']}.", "",
-             "| section | shape | variant | ms | tokens/s | MFU | peak GiB | ratio, notes |",
+             MD_HEADER.decode(),
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         ratio = next((f"{r[k]:.2f}x" for k in ("ratio", "speedup") if r.get(k)), "")
@@ -842,6 +845,8 @@ def report(args, device, dtype):
     t0 = time.time()
     out_dir = args.report_dir
     make_dir(out_dir, "--report_dir")  # now, not after eight minutes of measuring
+    for name, is_ours in (("report.json", json_with("info", "rows")), ("report.md", lambda p: MD_HEADER in head(p))):
+        check_output(os.path.join(out_dir, name), "--report_dir", "bench.py report", is_ours, name)
     rep = dict(info=environment(args, device), rows=Rows(), skipped=[])
     print("bench.py --report: " + json.dumps(rep["info"]))
     rep["pytest_gpu"] = gpu_tests(device, timeout=150)
@@ -894,10 +899,10 @@ def get_args(argv=None):
     if args.device == "auto":
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     try:
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device={args.device}: this machine (or this torch build) has no CUDA device")
+        torch.device(args.device)
     except RuntimeError as e:
         p.error(f"--device={args.device}: {str(e).splitlines()[0]}")
+    args.device = str(setup_device(args.device))  # the device check train.py and evaluate.py make: one line
     if args.tune:
         if "ns" not in args.only.split(","):
             p.error("--tune is an option of the ns section: add ns to --only")
@@ -916,10 +921,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
+    device = torch.device(args.device)  # (setup_device made a CUDA one current, with TF32 matmuls)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on a CPU
     args.fp8 = fp8_gpu(device)
     first = shape_config(args, args.layer_list[0] if args.layer_list else None)

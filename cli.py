@@ -53,6 +53,14 @@ class Range:
             return f"{'<' if self.hi_open else '<='} {self.hi:g}"
         return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
 
+    def refusal(self, x):
+        """Why x is not allowed, for the parser's line; None if it is. A NaN or an infinity is never allowed, and
+        the line says so (the bounds alone would read oddly for --lr=inf)."""
+        if x in self:
+            return None
+        finite = "" if not isinstance(x, float) or math.isfinite(x) else ", and the value must be finite"
+        return f"is out of range: allowed {self}{finite}"
+
 
 def flag(group, name, range=None, **kw):
     """group.add_argument(--name, ...) with an optional Range, shown in --help and checked by Parser.parse_args."""
@@ -78,8 +86,9 @@ class Parser(argparse.ArgumentParser):
         ns = super().parse_args(args, namespace)
         for a in self._actions:
             value = getattr(ns, a.dest, None)
-            if getattr(a, "range", None) is not None and value is not None and value not in a.range:
-                self.error(f"{a.option_strings[0]}={value} is out of range: allowed {a.range}")
+            why = a.range.refusal(value) if getattr(a, "range", None) is not None and value is not None else None
+            if why:
+                self.error(f"{a.option_strings[0]}={value} {why}")
         return ns
 
 

@@ -78,7 +78,7 @@ import hf
 import prepare_data
 import cli
 from cli import Parser, Range, UserError, flag, run_main, str2bool
-from safeio import WriteError, make_dir, write_json
+from safeio import WriteError, check_output, json_with, write_json
 
 
 class EvalError(UserError):
@@ -213,6 +213,8 @@ def to_doc(name, row, where):
         doc = TASKS[name].fmt(Row(row))
         if not isinstance(doc.answers, list) or not all(isinstance(s, str) for s in doc.prompts + doc.answers):
             raise TypeError("the choices or answer are not strings in a list")
+        if not all(a.strip() for a in doc.answers):  # nothing to score: it would count as a free right answer
+            raise ValueError("an empty choice, answer or continuation")
         if not 0 <= doc.gold < len(doc.prompts) * len(doc.answers):
             raise ValueError(f"answer {doc.gold} is not one of the {len(doc.prompts) * len(doc.answers)} options")
         return doc
@@ -812,10 +814,8 @@ def evaluate(args):
     if "gsm8k" in names or args.harness and any(n not in TASKS for n in names):  # generation: before any scoring
         check_gen_toks(args.max_gen_toks, T, "--max_gen_toks")
     out = args.out or (os.path.splitext(where)[0] + "_eval.json" if where.endswith(".pt") else "results.json")
-    make_dir(os.path.dirname(os.path.abspath(out)), "--out")  # before evaluating, so that a bad --out costs no run
-    if os.path.isdir(out):
-        raise EvalError(f"--out={out} is a directory; name the results file, e.g. "
-                        f"--out={os.path.join(out, 'results.json')}")
+    # before evaluating, so that a bad --out costs no run; it replaces an earlier results file (its keys), nothing else
+    check_output(out, "--out", "results", json_with("model", "tokenizer", "results"), "results.json")
     results = {}
     if "val" in names:  # --data_dir's shards where it has them, else the checkpoint's training data (docstring)
         own = args.data_dir and os.path.isfile(os.path.join(args.data_dir, "meta.json"))

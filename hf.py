@@ -66,7 +66,7 @@ from checkpoint import list_ckpts
 from cli import Parser, UserError, run_main
 from model import GPT, GPTConfig, rope_cache
 import safeio
-from safeio import atomic_write, make_dir, write_json
+from safeio import atomic_write, is_run_dir, make_dir, replacing_dir, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what an Xmodel config.json that leaves a field out means (the Xmodel-2.5 HF config class's defaults)
@@ -76,6 +76,10 @@ XMODEL_DEFAULTS = dict(use_mup=False, mup_input_scale=12.0, mup_output_scale=1.0
 # GPTConfig fields the Xmodel schema has a place for; the rest travel in config.json under "nanoxmodel"
 XMODEL_MAPPED = {"n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden", "vocab_size", "block_size", "rope_theta",
                  "norm_eps", "mup", "base_width", "init_std", "scale_emb", "scale_depth", "output_scale"}
+WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+# what an export directory holds: hf.py export --overwrite replaces one whole, and never a directory with more
+EXPORT_FILE = re.compile(rf"{WEIGHT_FILE.pattern}|config\.json|tokenizer\.json|tokenizer_config\.json|"
+                         r"special_tokens_map\.json")
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json"]
 
@@ -474,7 +478,8 @@ def _save_safetensors(tensors, path):
 def save_pretrained(model, out_dir, format="xmodel", tokenizer=None, dtype=None):
     """Write model as a Hugging Face checkpoint dir, format "xmodel" or "llama" (module docstring); tokenizer: a
     prepare_data spec, written as tokenizer.json, tokenizer_config.json and special_tokens_map.json (hf_tokenizer).
-    Each file is written atomically; a failed write raises safeio.WriteError naming it. Returns out_dir."""
+    Each file is written atomically; a failed write raises safeio.WriteError naming it. Returns out_dir. (hf.py
+    export writes a whole directory at once: export() below.)"""
     for wrapper in ("_orig_mod", "module"):  # torch.compile, then DDP: train.py wraps the model in both
         model = getattr(model, wrapper, model)
     if format not in ("xmodel", "llama"):
@@ -490,16 +495,13 @@ def save_pretrained(model, out_dir, format="xmodel", tokenizer=None, dtype=None)
     make_dir(out_dir, "--out")
     _save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
     for name in os.listdir(out_dir):  # an older checkpoint's other weight files would be read instead of ours
-        if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", name) \
-                and name != "model.safetensors":
+        if WEIGHT_FILE.fullmatch(name) and name != "model.safetensors":
             os.remove(os.path.join(out_dir, name))
     write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
     if tok:
         _write_text(os.path.join(out_dir, "tokenizer.json"), tok[0])
         write_json(os.path.join(out_dir, "tokenizer_config.json"), tok[1], indent=2)
         write_json(os.path.join(out_dir, "special_tokens_map.json"), {"eos_token": tok[1]["eos_token"]}, indent=2)
-    print(f"wrote {out_dir}: {format} format, {len(tensors)} tensors in {cfg['torch_dtype']}"
-          + (f", tokenizer {tokenizer} (eos {tok[1]['eos_token']})" if tok else ", no tokenizer"))
     return out_dir
 
 
@@ -559,11 +561,26 @@ def check_export_dir(out, source, overwrite):
     if out in (src, os.path.dirname(src)):
         raise InteropError(f"--out={out} is where the checkpoint being exported lives; choose another directory")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if any(re.fullmatch(r"ckpt_\d+\.pt|log\.jsonl", f) for f in held):
+    if is_run_dir(out):
         raise InteropError(f"--out={out} holds a train.py run; choose another directory")
     if held and not overwrite:
         raise InteropError(f"--out={out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
                            f"choose a new directory, or pass --overwrite to replace an earlier export there")
+
+
+def export(model, out, format, tokenizer, dtype):
+    """save_pretrained into a directory built beside out and swapped in whole (safeio.replacing_dir): a kill or a
+    full disk leaves the earlier export or the new one, never one's weights under the other's config. A directory
+    holding anything an export does not write is refused, not replaced."""
+    with replacing_dir(out, "--out", "hf.py export", EXPORT_FILE.fullmatch, InteropError) as build:
+        try:
+            save_pretrained(model, build, format, tokenizer, dtype)
+        except WriteError as e:  # named where the file goes: the build beside it is removed
+            raise WriteError(f"cannot write {os.path.join(out, os.path.relpath(e.path, build))}: {e.reason}"
+                             if getattr(e, "path", None) else str(e)) from None
+    print(f"wrote {out}: {format} format, {dtype or str(model.wte.weight.dtype)[6:]}"
+          + (f", tokenizer {tokenizer}" if tokenizer else ", no tokenizer"))
+    return out
 
 
 def main(argv=None):
@@ -604,7 +621,7 @@ def command(args):
                 print(_summary(f"loaded {args.ckpt}", model))
             else:
                 model, tokenizer = load_pretrained(args.ckpt)
-            save_pretrained(model, args.out, args.format, tokenizer, args.dtype)
+            export(model, args.out, args.format, tokenizer, args.dtype)
     except (OSError, ImportError) as e:  # the library's own types: a file or package missing, the hub unreachable
         raise InteropError(str(e)) from None
 

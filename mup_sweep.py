@@ -44,7 +44,7 @@ import torch
 
 from cli import ErrorExit, Parser, Range, UserError, flag, run_main, split_words, str2bool
 from model import GPT, GPTConfig
-from safeio import atomic_write, make_dir, write_json
+from safeio import atomic_write, check_output, is_png, json_with, write_json
 
 PARAMS = ("muP", "SP")  # the two parameterizations, in the figure's order (train.py --mup=1 / --mup=0)
 DEFAULT_TRAIN_ARGS = ("--n_layer=2 --block_size=128 --batch_size=16 --total_batch_size=2048 --max_iters=150 "
@@ -186,6 +186,17 @@ def read_json(path, what, kind=None):
         raise SweepError(f"{what}={path} is not a {kind or 'sweep or coordinate check'} JSON that mup_sweep.py "
                          f"wrote")
     return data
+
+
+def check_outputs(path, what, kind):
+    """A JSON of this kind and its figure beside it: one line now, before any run, where either would replace what
+    mup_sweep.py did not write (safeio.check_output)."""
+    png = os.path.splitext(path)[0] + ".png"
+    if png == path:
+        raise SweepError(f"{what}={path} names the JSON; the figure goes beside it, as .png")
+    check_output(path, what, f"{kind} JSON", json_with("kind", *NEEDS[kind]), f"mup_{kind}.json")
+    check_output(png, what, "PNG", is_png, f"mup_{kind}.png")
+    return png
 
 
 def refuse_to_replace(path, what):
@@ -509,6 +520,9 @@ def number_list(kind, positive=True):
         if not v or any(not math.isfinite(x) or (x <= 0 if positive else x < 0) for x in v):
             raise argparse.ArgumentTypeError(f"expected comma-separated {'positive' if positive else '>= 0'} "
                                              f"{kind.__name__}s, got {s!r}")
+        twice = [x for i, x in enumerate(v) if x in v[:i]]
+        if twice:  # one run reported as two (seeds), a grid point run twice
+            raise argparse.ArgumentTypeError(f"{twice[0]:g} is given twice in {s!r}; name each once")
         return v
     return parse
 
@@ -565,22 +579,22 @@ def command(args):
         data = read_json(args.plot_only, "--plot_only")
         if data.get("kind") == "sweep":
             report(data)
-        png = (plot_sweep if data.get("kind") == "sweep" else plot_coord)(data, os.path.splitext(args.plot_only)[0]
-                                                                            + ".png")
+        png = check_output(os.path.splitext(args.plot_only)[0] + ".png", "--plot_only", "PNG", is_png, "mup.png")
+        png = (plot_sweep if data.get("kind") == "sweep" else plot_coord)(data, png)
     elif args.coord:
         if not args.overwrite:
             refuse_to_replace(args.coord_out, "--coord_out")
-        make_dir(os.path.dirname(args.coord_out) or ".", "--coord_out")
+        png = check_outputs(args.coord_out, "--coord_out", "coord")
         data = coord(args)
-        png = plot_coord(data, os.path.splitext(args.coord_out)[0] + ".png")
+        png = plot_coord(data, png)
         print(f"wrote {args.coord_out}")
     else:
         if not (args.resume or args.overwrite):
             refuse_to_replace(args.out, "--out")
-        make_dir(os.path.dirname(args.out) or ".", "--out")
+        png = check_outputs(args.out, "--out", "sweep")
         data = sweep(args)
         report(data)
-        png = plot_sweep(data, os.path.splitext(args.out)[0] + ".png")
+        png = plot_sweep(data, png)
         print(f"wrote {args.out}")
     if png:
         print(f"wrote {png}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cli import Parser, Range, UserError, flag, run_main
-from safeio import atomic_write, make_dir, read_jsonl
+from safeio import atomic_write, check_output, is_png, read_jsonl
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "seq_len", "phase", "optimizer")
 VAL_KEYS = ("step", "val_loss", "tokens")
@@ -230,7 +230,7 @@ def plot_runs(runs, out=None, labels=None, x="step", from_step=None, to_step=Non
     runs = [r if isinstance(r, Run) else read_run(r) for r in runs]
     runs = [replace(r, name=n) for r, n in zip(runs, labels)] if labels else runs
     out = out or (os.path.join(runs[0].path, "loss.png") if len(runs) == 1 else "loss.png")
-    make_dir(os.path.dirname(out) or ".", "--out")  # before drawing: a bad --out fails at once
+    check_output(out, "--out", "PNG", is_png, "loss.png")  # before drawing; it replaces a picture, nothing else
     fig = figure(runs, x, from_step, to_step, ylim, title, smooth, val_only)
     with atomic_write(out, "wb") as f:
         fig.savefig(f, format="png")

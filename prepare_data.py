@@ -65,7 +65,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -83,7 +82,7 @@ import numpy as np
 import torch
 
 from cli import Parser, Range, UserError, flag, run_main
-from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, write_error, write_json
+from safeio import LockError, atomic_write, replacing_dir, write_json
 
 DEFAULT_DATA_DIR = "data/embedded-byte"
 MAGIC = b"NXMTOKS\0"
@@ -694,43 +693,16 @@ def pool_map(pool, fn, items, chunksize):
                         "memory is short") from None
 
 
-DATASET_FILE = re.compile(r"((train|val)_\d{6}\.bin|meta\.json)(\.tmp)?")
-
-
-def _ours(path):
-    """Whether path exists; raises unless it is a dir of nothing but what prepare_data.py writes, since a build
-    replaces or removes it whole and must never take anything else with it."""
-    if not os.path.exists(path):
-        return False
-    if not os.path.isdir(path):
-        raise WriteError(f"{path} is a file, not a directory; move it away or choose another --out_dir")
-    foreign = sorted(f for f in os.listdir(path) if not DATASET_FILE.fullmatch(f))
-    if foreign:
-        raise DataError(f"{path} holds files prepare_data.py did not write ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out_dir")
-    return True
+DATASET_FILE = re.compile(r"(train|val)_\d{6}\.bin|meta\.json")
 
 
 @contextmanager
 def building(out_dir, tokenizer, overwrite=False):
-    """A fresh dir beside out_dir (out_dir.partial) to build a dataset in. When the block succeeds it replaces
-    out_dir whole (rename old away, rename new in, remove old); on any failure it is removed and out_dir stays as
-    it was. A lock beside out_dir keeps a second build out, and the next build finishes a swap a kill cut short."""
-    final = os.path.realpath(out_dir)
-    partial, old = final + ".partial", final + ".old"
-    parent, base = os.path.split(final)
-    make_dir(parent, "--out_dir")
-
-    def restore():  # stopped between the two renames: the old dataset is whole, put it back
-        if not os.path.exists(final) and _ours(old):
-            os.rename(old, final)
-
-    with FileLock(os.path.join(parent, f".{base}.lock"), f"prepare_data.py run (building {base})"):
-        restore()
-        for d in (partial, old):
-            if _ours(d):
-                shutil.rmtree(d)
-        if _ours(final):
+    """A fresh dir beside out_dir to build a dataset in, swapped in whole when the block succeeds (safeio's
+    replacing_dir: a failed or killed build leaves out_dir as it was). out_dir may hold nothing but a dataset, and
+    one of another tokenizer is replaced only with overwrite."""
+    with replacing_dir(out_dir, "--out_dir", "prepare_data.py", DATASET_FILE.fullmatch, DataError) as partial:
+        if os.path.exists(out_dir):
             try:
                 had = read_meta(out_dir)["tokenizer"]
             except DataError:
@@ -738,20 +710,16 @@ def building(out_dir, tokenizer, overwrite=False):
             if had != tokenizer and not overwrite:
                 raise DataError(f"{out_dir} holds data tokenized with {had}; pass --overwrite to re-tokenize it "
                                 f"with {tokenizer}, or choose another --out_dir")
-        make_dir(partial, "--out_dir")
-        try:
-            yield partial
-            if os.path.exists(final):
-                os.rename(final, old)
-            os.rename(partial, final)
-        except BaseException as e:
-            restore()
-            shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(e, (OSError, WriteError)):
-                raise WriteError(f"{write_error(final, e) if isinstance(e, OSError) else e}; "
-                                 f"{out_dir} is as it was") from None
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        yield partial
+
+
+def worker_count(asked):
+    """--workers, at most one per core this process may use: tokenizing is CPU-bound, so more only cost memory
+    and processes (--workers=100000 would fill the process table)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked > cores:
+        print(f"--workers={asked}: using {cores}, one per core this process may use")
+    return min(asked, cores)
 
 
 def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05, shard_tokens=100_000_000,
@@ -767,6 +735,7 @@ def prepare(sources=("embedded",), tokenizer="byte", out_dir=None, val_frac=0.05
     srcs = [parse_source(s) for s in sources]
     out_dir = out_dir or auto_out_dir(srcs, tokenizer)
     skipped = [[] if skip_bad_files and s["kind"] == "files" else None for s in srcs]
+    workers = worker_count(workers)
     with ExitStack() as stack:
         pool = start_pool(workers, tokenizer) if workers > 1 else None
         if pool:  # stopped on the way out, however that goes, without finishing the queued work
@@ -869,7 +838,7 @@ def main(argv=None):
     flag(p, "seed", type=int, default=1337, range=Range(0),
          help="seed of the mixture's source draws (default: %(default)s)")
     flag(p, "workers", type=int, default=os.cpu_count(), range=Range(1),
-         help="tokenizer processes (default: all cores, %(default)s)")
+         help="tokenizer processes, at most one per core (default: all cores, %(default)s)")
     flag(p, "overwrite", action="store_true",
          help="re-tokenize an --out_dir that holds data from another tokenizer (the same one always rebuilds)")
     flag(p, "skip_bad_files", action="store_true",

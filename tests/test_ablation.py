@@ -131,3 +131,52 @@ def test_bad_arm_flags_fail_before_any_training(tmp_path, flags, says):
                        capture_output=True, text=True)
     assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "abl")
+
+
+# -----------------------------------------------------------------------------
+# round 2 (issue 19): counts, names and the arms' contracts checked before any training; --out held and owned
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--arms=adamw,adamw"], "--arms=adamw,adamw: adamw is given twice; name each once"),
+    (["--seeds=1,1"], "--seeds=1,1: 1 is given twice; name each once"),
+    (["--arm=../../x:--lr=0.01", "--arms=adamw,../../x"], "'../../x' is not a plain name"),
+    (["--arm=base:--lr=0.01", "--arms=adamw,base"], "'base' is not a plain name"),
+    (["--arm=short:--stop_after=4", "--arms=adamw,short"], "arm short (--stop_after=4) would train nothing: with "
+                                                            "--train_args it ends at step 4, at or before its branch "
+                                                            "point, step 16"),
+    (["--arm=plan:--dry_run", "--arms=adamw,plan"], "arm plan (--dry_run) would train nothing"),
+])
+def test_counts_names_and_arm_contracts_fail_before_any_training(tmp_path, flags, says):
+    r = subprocess.run([sys.executable, "ablation.py", "--quick", f"--out={tmp_path}/a/abl", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
+
+
+def test_a_second_ablation_into_one_out_and_outputs_it_did_not_make_are_refused(tmp_path):
+    from safeio import FileLock
+    out = tmp_path / "abl"
+    out.mkdir()
+    cmd = [sys.executable, "ablation.py", "--quick", f"--out={out}", "--seeds=1", "--arms=adamw"]
+    with FileLock(str(out / ".lock"), "ablation.py run"):  # as a first ablation holds it
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "is in use by another ablation.py run (pid" in r.stderr, r.stderr
+    (out / "results.json").write_text('{"mine": 1}')
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"--out={out}/results.json is not a results file" in r.stderr, r.stderr
+    assert sorted(os.listdir(out)) == [".lock", "results.json"]  # nothing trained
+
+
+def test_a_run_that_trained_nothing_is_never_marked_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation.train, "main", lambda argv: {"val_loss": None})  # e.g. resumed past its end
+    arm = str(tmp_path / "arm")
+    with pytest.raises(ablation.AblationError, match="trained nothing in .*arm; it is not marked finished"):
+        ablation.train_run(["--max_iters=4"], arm)
+    assert not ablation.finished(arm, ["--max_iters=4"]) and not os.path.exists(os.path.join(arm, ablation.DONE))
+    theirs = tmp_path / "theirs"  # a train.py run ablation.py did not make: its --overwrite would replace it
+    theirs.mkdir()
+    (theirs / "ckpt_0000004.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(ablation.AblationError, match="holds files ablation.py did not make"):
+        ablation.train_run(["--max_iters=4"], str(theirs))
+    assert os.listdir(theirs) == ["ckpt_0000004.pt"]

@@ -93,3 +93,19 @@ def test_bad_flags_are_one_line_before_any_measuring(tmp_path, flags, says):
     r = run("--quick", *[f.format(file=tmp_path / "file") for f in flags])
     assert r.returncode != 0 and "Traceback" not in r.stderr and says in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and "pytest -m gpu" not in r.stdout
+
+
+@pytest.mark.parametrize("device, says", [
+    ("meta", "--device=meta: nanoXmodel runs on cpu, cuda or mps, not meta"),
+    ("mps", "--device=mps: this machine or torch build has no MPS device; use --device=cpu"),
+    ("cuda:7", "--device=cuda:7: no such CUDA device here"),
+])
+def test_a_device_this_machine_cannot_use_is_the_one_line_train_py_says(device, says):
+    """Round 2 (issue 19): --device=meta and --device=mps ended in tracebacks; bench.py now makes cli.setup_device's
+    check, the one train.py and evaluate.py make."""
+    import torch
+    if device == "mps" and torch.backends.mps.is_available() or device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip(f"this machine has {device}")
+    r = run("--quick", f"--device={device}")
+    assert r.returncode == 1 and r.stderr.startswith(f"bench.py: error: {says}"), r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -855,3 +855,14 @@ def test_files_each_read_once_an_empty_one_skipped_a_directory_named(tmp_path):
     with pytest.raises(DataError, match=rf"files={re.escape(str(src))} is a directory; name its files, e.g. "
                                         rf"files={re.escape(str(src))}/\*\.jsonl"):
         pd.prepare([f"files={src}"], "byte", str(tmp_path / "out2"))
+
+
+def test_workers_are_bounded_by_the_cores(tmp_path, monkeypatch, capsys):
+    """Round 2 (issue 19): --workers=100000 started every worker at once (a fork traceback and a hang, or a full
+    process table). At most one a core, said in a word."""
+    started = []
+    monkeypatch.setattr(pd, "start_pool", lambda n, tokenizer: started.append(n))  # (None: tokenize in-process)
+    pd.prepare(["embedded"], "byte", str(tmp_path / "out"), max_tokens=20_000, workers=100_000)
+    cores = len(os.sched_getaffinity(0))
+    assert started == ([cores] if cores > 1 else []) and pd.read_meta(str(tmp_path / "out"))["tokens"]["train"] > 0
+    assert f"--workers=100000: using {cores}, one per core this process may use" in capsys.readouterr().out

@@ -434,13 +434,14 @@ def test_data_dir_that_is_not_there_is_refused(tmp_path, val_data):
 def test_failed_results_write_is_one_line_and_keeps_the_old_file(tmp_path, ckpt, monkeypatch, capsys):
     write_task(str(tmp_path), "arc_easy", n=3)
     out = tmp_path / "r.json"
-    out.write_text("old results")
+    old = json.dumps({"model": "an earlier run", "tokenizer": "byte", "results": {}})  # (--out replaces only results)
+    out.write_text(old)
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
     msg = one_line_error([f"--ckpt={ckpt}", "--tasks=arc_easy", f"--data_dir={tmp_path}", "--num_fewshot=0",
                           f"--out={out}"])
     assert f"cannot write {out}: the disk is full" in msg and "the scores are in the table above" in msg
     assert "arc_easy" in capsys.readouterr().out  # the table came first
-    assert out.read_text() == "old results" and sorted(os.listdir(tmp_path)) == ["arc_easy.fewshot.jsonl",
+    assert out.read_text() == old and sorted(os.listdir(tmp_path)) == ["arc_easy.fewshot.jsonl",
                                                                                    "arc_easy.jsonl", "r.json"]
 
 
@@ -592,3 +593,34 @@ def test_non_finite_weights_are_refused_not_scored(tmp_path, ckpt):
     torch.save(state, tmp_path / "ckpt_0000001.pt")
     assert "holds weights that are not finite (NaN or inf)" in one_line_error(
         [f"--ckpt={tmp_path / 'ckpt_0000001.pt'}", "--tasks=val"])
+
+# -----------------------------------------------------------------------------
+# round 2 (issue 19): --out replaces an earlier results file, nothing else; an empty row is a bad row
+
+
+def test_out_never_replaces_a_checkpoint_a_log_or_a_file_it_did_not_write(tmp_path, ckpt):
+    import shutil
+    run, tasks = tmp_path / "run", write_task(str(tmp_path / "tasks"), "arc_easy", n=2)
+    shutil.copytree(ckpt, run)
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    before = {p: p.read_bytes() for p in [*run.iterdir(), tmp_path / "notes.json"]}
+    for out, says in [(run / "ckpt_0000007.pt", "is a file of the train.py run in"),  # the checkpoint it scores
+                      (run / "log.jsonl", "is a file of the train.py run in"),
+                      (run / "ckpt_0000099.pt", "is a file of the train.py run in"),  # a resume would read it
+                      (tmp_path / "notes.json", "is not a results file; it is not replaced")]:
+        msg = one_line_error([f"--ckpt={run / 'ckpt_0000007.pt'}", "--tasks=arc_easy", f"--data_dir={tasks}",
+                              "--num_fewshot=0", f"--out={out}"])
+        assert f"--out={out} {says}" in msg, msg
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(run)) == sorted(os.listdir(ckpt))
+
+
+def test_an_empty_row_is_refused_like_other_bad_rows(tmp_path, ckpt):
+    rows = [{"text": "the cat sat on the mat"}, {"text": ""}]
+    (tmp_path / "lambada_openai.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    msg = one_line_error([f"--ckpt={ckpt}", "--tasks=lambada", f"--data_dir={tmp_path}", f"--out={tmp_path}/r.json"])
+    assert "lambada_openai.jsonl line 2: bad lambada_openai row (an empty choice, answer or continuation)" in msg
+    arc = rows_of("arc_easy", 1, 0)[0]
+    arc["choices"]["text"][0] = " "
+    (tmp_path / "arc_easy.jsonl").write_text(json.dumps(arc) + "\n")
+    assert "arc_easy.jsonl line 1: bad arc_easy row (an empty choice" in one_line_error(
+        [f"--ckpt={ckpt}", "--tasks=arc_easy", f"--data_dir={tmp_path}", "--num_fewshot=0", f"--out={tmp_path}/r.json"])

@@ -498,3 +498,72 @@ def test_a_tokenizer_that_cannot_load_drops_the_sample_at_the_start(data_dir, tm
     assert said.index("train.py: warning: --sample_len=0, no sample at the end: could not load tokenizer") < \
         said.index("step 0")
     assert res["val_loss"] is not None and "sample:" not in said and ckpt_steps(tmp_path / "out")[-1] == 12
+
+# =============================================================================
+# round 2 (issue 19), safeio and cli: one temp file per write, outputs that never replace what a script did not
+# make, finite flag values. (The scripts' own cases: test_evaluate, test_plot, test_hf, test_data, test_bench,
+# test_ablation, test_mup_sweep.)
+
+
+def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path):
+    path = str(tmp_path / "results.json")
+    with safeio.atomic_write(path, "w") as first:
+        first.write("first")
+        with safeio.atomic_write(path, "w") as second:  # a second process writing the same file meanwhile
+            second.write("second")
+        assert open(path).read() == "second"
+    assert open(path).read() == "first" and os.listdir(tmp_path) == ["results.json"]  # the last rename wins, whole
+
+
+def test_two_processes_writing_one_file_both_succeed(tmp_path):
+    path = str(tmp_path / "results.json")
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import safeio\n"
+            f"for i in range(300): safeio.write_json({path!r}, {{'writer': sys.argv[1], 'i': i, 'pad': 'x' * 5000}})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert json.load(open(path))["i"] == 299 and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_killed_writers_temp_files_are_known_and_cleared(tmp_path):
+    for name in ("ckpt_0000015.pt", "log.jsonl", "model.safetensors", "README"):
+        temp = os.path.basename(safeio.temp_path(str(tmp_path / name)))
+        assert temp != safeio.temp_path(str(tmp_path / name)) and safeio.temp_target(temp) == name
+    assert safeio.temp_path("out/ckpt_0000015.pt").endswith(".pt.tmp")  # .gitignore's *.pt.tmp
+    assert safeio.temp_target("meta.json.tmp") == "meta.json" and safeio.temp_target("meta.json") is None
+    (tmp_path / "ckpt_0000014.pt").write_bytes(b"kept")
+    (tmp_path / "ckpt_0000015.pt.tmp").write_bytes(b"an older PATH.tmp")
+    open(safeio.temp_path(str(tmp_path / "ckpt_0000016.pt")), "wb").write(b"what a SIGKILL mid-save leaves")
+    safeio.remove_temp_files(str(tmp_path))
+    assert os.listdir(tmp_path) == ["ckpt_0000014.pt"]
+
+
+def test_an_output_never_replaces_what_the_script_did_not_make(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt_0000012.pt").write_bytes(b"PK\x03\x04 a checkpoint")
+    (run / "log.jsonl").write_text('{"step": 0, "loss": 5.0}\n')
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    (tmp_path / "old.json").write_text('{"model": "m", "results": {}}')
+    ours = safeio.json_with("model", "results")
+    before = {p: p.read_bytes() for p in [*run.iterdir(), tmp_path / "notes.json"]}
+    for out, says in [(run / "ckpt_0000012.pt", "is a file of the train.py run in"),
+                      (run / "log.jsonl", "is a file of the train.py run in"),
+                      (run / "config.json", "is a file of the train.py run in"),
+                      (tmp_path / "notes.json", "is not a results file; it is not replaced"),
+                      (tmp_path, "is a directory; name the results file, e.g. --out="),
+                      (f"{tmp_path}/new/", "names a directory; name the results file, e.g. --out=")]:
+        with pytest.raises(safeio.WriteError, match=re.escape(f"--out={out} {says}")):
+            safeio.check_output(str(out), "--out", "results", ours, "results.json")
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "new").exists()
+    for out in (tmp_path / "old.json", tmp_path / "new" / "r.json", run / "r.json"):  # its own, or a new name
+        assert safeio.check_output(str(out), "--out", "results", ours, "results.json") == str(out)
+    assert (tmp_path / "new").is_dir()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_non_finite_flag_value_is_said_to_be_one(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        train.get_parser().parse_args([f"--lr={value}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--lr={value} is out of range: allowed >= 0, and the value must be finite" in err

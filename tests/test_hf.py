@@ -497,3 +497,26 @@ def test_export_never_writes_over_its_source_a_run_or_another_checkpoint(train_r
     assert {f: (xm / f).read_bytes() for f in os.listdir(xm)} == before
     hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={xm}", "--overwrite"])  # replaced, on request
     assert hf._read_config(str(xm))["model_type"] == "llama"
+
+
+def test_export_overwrite_swaps_the_directory_whole(train_run, tmp_path):
+    """Round 2 (issue 19): an --overwrite killed between its files left one export's weights under the other's
+    config.json. It builds beside --out and swaps: a kill leaves the old export, the next run clears the rest; a
+    directory holding anything an export does not write is refused, not replaced."""
+    out = tmp_path / "exp"
+    hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={out}"])
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    code = (f"import os, signal, sys; sys.path.insert(0, {ROOT!r}); import hf; "
+            "hf.write_json = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "  # after the weights, before config
+            f"hf.main(['export', '--ckpt={train_run}', '--format=xmodel', '--out={out}', '--overwrite'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -9, r.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # the old export, whole
+    hf.main(["export", f"--ckpt={train_run}", "--format=xmodel", f"--out={out}", "--overwrite"])
+    assert hf._read_config(str(out))["model_type"] == "xmodel" and sorted(os.listdir(out)) == sorted(before)
+    assert sorted(os.listdir(tmp_path)) == [".exp.lock", "exp"]  # the half-built one beside it is gone
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"exp holds files hf.py export did not write \(notes.txt\); move them away"):
+        hf.main(["export", f"--ckpt={train_run}", "--format=llama", f"--out={out}", "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine" and hf._read_config(str(out))["model_type"] == "xmodel"

@@ -245,3 +245,28 @@ def test_an_unbalanced_quote_in_train_args_is_a_parser_error(capsys):
     with pytest.raises(SystemExit) as e:
         mup_sweep.parse_args(["--train_args=--lr='0.1"])
     assert e.value.code == 2 and "--train_args: No closing quotation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--seeds=1,1", "--widths=64,128,64", "--lrs=0.01,0.01", "--coord_seeds=0,0"])
+def test_a_value_given_twice_is_a_parser_error(capsys, flag):
+    """Round 2 (issue 19): --seeds=1,1 reported one run as two."""
+    with pytest.raises(SystemExit) as e:
+        mup_sweep.parse_args([flag])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is given twice" in err and err.count("\n") == 1, err
+
+
+def test_overwrite_replaces_a_sweep_never_what_mup_sweep_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(mup_sweep, "run", lambda *a: pytest.fail("a run started"))
+    (tmp_path / "ckpt_0000004.pt").write_bytes(b"PK\x03\x04 a checkpoint")
+    (tmp_path / "s.png").write_text("not a picture")
+    (tmp_path / "s.json.bak").write_text("my notes")
+    (tmp_path / "s.json").write_text(json.dumps(dict(kind="sweep", runs=[], cells=[], widths=[], lrs=[], best_lr=[])))
+    for argv, says in [([f"--out={tmp_path}/ckpt_0000004.pt"], "ckpt_0000004.pt is a file of the train.py run in"),
+                       ([f"--out={tmp_path}/s.png"], "s.png names the JSON; the figure goes beside it, as .png"),
+                       ([f"--out={tmp_path}/s.json"], "s.png is not a PNG file"),
+                       ([f"--out={tmp_path}/s.json.bak"], "s.json.bak is not a sweep JSON file"),
+                       (["--coord", f"--coord_out={tmp_path}/"], "is a directory; name the coord JSON file")]:
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            mup_sweep.main(["--widths=64", "--lrs=0.005", "--overwrite", *argv])
+    assert (tmp_path / "ckpt_0000004.pt").read_bytes() == b"PK\x03\x04 a checkpoint"

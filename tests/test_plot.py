@@ -208,3 +208,22 @@ def test_odd_logs_draw_or_say_why(tmp_path):
     val_only = plot.read_run(write_run(tmp_path / "val_only", [e for e in good if "val_loss" in e][:1]))
     with pytest.raises(plot.PlotError, match=r"has no token counts \(no training step logged yet.*; use --x=step"):
         plot.figure([val_only], x="tokens")
+
+
+def test_out_replaces_a_picture_never_a_runs_files_and_names_a_file(tmp_path):
+    """Round 2 (issue 19): --out=RUN/log.jsonl once turned the log into a PNG, --out=dir/ said 'Not a directory'."""
+    run = write_run(str(tmp_path / "run"), log_entries())
+    (tmp_path / "run" / "ckpt_0000012.pt").write_bytes(b"PK\x03\x04 a checkpoint")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [*(tmp_path / "run").iterdir(), tmp_path / "notes.txt"]}
+    for out, says in [(f"{run}/log.jsonl", f"is a file of the train.py run in {run}; choose another --out"),
+                      (f"{run}/ckpt_0000012.pt", f"is a file of the train.py run in {run}; choose another --out"),
+                      (f"{run}/config.json", f"is a file of the train.py run in {run}; choose another --out"),
+                      (f"{tmp_path}/notes.txt", "is not a PNG file; it is not replaced: choose another --out, "
+                                                "or move it away"),
+                      (f"{tmp_path}/pics/", f"names a directory; name the PNG file, e.g. "
+                                            f"--out={tmp_path}/pics/loss.png"),
+                      (run, f"is a directory; name the PNG file, e.g. --out={run}/loss.png")]:
+        r = cli(run, f"--out={out}")
+        assert r.returncode == 1 and r.stderr == f"plot.py: error: --out={out} {says}\n", r.stderr
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "pics").exists()
