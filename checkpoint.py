@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 import fp8
 from cli import UserError, all_mean
+from loggers import Dashboards
 from model import GPTConfig
 from safeio import FileLock, LockError, WriteError, atomic_write, make_dir, read_jsonl, remove_temp_files, \
     rewrite_jsonl, write_json
@@ -50,6 +51,9 @@ class Diverged(UserError):
     """The run diverged: it stopped without saving the bad state; the message names the last good checkpoint."""
 
 
+# flags that change where a run's outputs go or how it is watched, not what it trains: not reported at a resume
+NOT_TRAINING = ("resume", "overwrite", "out_dir", "dry_run", "world_size", "logger", "logger_dir", "run_name")
+
 # where a run starts: step 0, or a checkpoint's state (the optimizer's, for train.py to load into the one it builds)
 Start = namedtuple("Start", "step best_val tokens_seen optimizer_name optimizer_state")
 
@@ -64,6 +68,7 @@ class Run:
         self.log_path = os.path.join(args.out_dir, "log.jsonl")
         self.last_saved = None  # the newest good checkpoint's step, named when the run diverges
         self.stale = []  # --overwrite: the replaced run's checkpoints, deleted once this run's first one is safe
+        self.dashboards = Dashboards(args.logger)  # --logger: a missing package stops every rank here
 
     def __enter__(self):
         """Collective. Make and lock --out_dir for the life of the run (a second run into it is refused; the lock
@@ -92,7 +97,10 @@ class Run:
         return self
 
     def __exit__(self, *exc):
-        self.stack.close()
+        try:
+            self.dashboards.close(failed=exc[0] is not None)
+        finally:
+            self.stack.close()
 
     def start(self, model, train_loader, config, tokenizer, end):
         """Collective. Where the run starts. With --resume: the checkpoint it names (refused, in one line, if it
@@ -135,6 +143,9 @@ class Run:
                 rewrite_jsonl(self.log_path, [e for e in entries if e.get("step", math.inf) < start.step])
                 if torn:
                     self.print(f"{self.log_path}: dropped {torn} unreadable line(s), a write torn by a crash")
+                # the dashboards too: the same run from start.step on, or a new one (a new run, a branch)
+                self.dashboards.open(args, start.step, resumed=bool(args.resume) and not branched,
+                                     config={**vars(args), **asdict(config), "world_size": self.launch.world_size})
             else:
                 self.print(f"the run already reached step {end}; raise --max_iters (or --stop_after, "
                            f"--long_context) to train further")
@@ -169,7 +180,7 @@ class Run:
         saved = dict(ckpt["args"], world_size=ckpt.get("world_size"))
         now = dict(vars(args), world_size=self.launch.world_size)
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k) is not None
-                   and saved[k] != v and k not in ("resume", "overwrite", "out_dir", "dry_run")]
+                   and saved[k] != v and k not in NOT_TRAINING]
         self.print(f"resumed from {path} at step {ckpt['step']}" + ("; changed since it was saved: "
                                                                    + ", ".join(changed) if changed else ""))
         return ckpt
@@ -218,7 +229,7 @@ class Run:
         self.last_saved = step
 
     def log(self, entry):
-        """Append one entry to log.jsonl (rank 0)."""
+        """Append one entry to log.jsonl, and send it to the --logger dashboards (rank 0)."""
         if self.launch.master:
             try:
                 with open(self.log_path, "a") as f:
@@ -226,6 +237,7 @@ class Run:
             except OSError as e:
                 raise WriteError(f"cannot append to {self.log_path} ({e.strerror}); the checkpoints are intact: fix "
                                  f"it, then --resume") from None
+            self.dashboards.log(entry)
 
     def stop(self, step):
         """After the checkpoint of a stop request: say how to go on, and exit with 128 + the signal's number."""

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
@@ -321,11 +322,14 @@ def train(args):
     # a long timeout: the other ranks wait in their next all-reduce while rank 0 writes a large checkpoint
     run_on = launch(args.device, timeout=timedelta(hours=1))
     log = print if run_on.master else (lambda *a, **k: None)
-    try:  # what this device cannot do, said before any work
+    try:  # what this machine cannot do, said before any work
         fp8.check_device(run_on.device) if args.fp8 else None
         muon.check_triton(run_on.device) if args.ns_triton else None
     except ValueError as e:
         raise ConfigError(e) from None
+    if args.compile and not any(map(shutil.which, [os.environ.get("CXX", "c++"), os.environ.get("CC", "cc"), "gcc"])):
+        raise ConfigError("--compile needs a C/C++ compiler (torch.compile builds its kernels with one) and none is "
+                          "on PATH: install one (e.g. apt install build-essential), or pass --compile=0")
     check_batches(args, run_on.world_size)
     meta, train_loader, val_loader = prepare_data.loaders(args.data_dir, run_on)
     for loader in (train_loader, val_loader):  # fail now, not hours in, on a shard too small for a batch
@@ -604,7 +608,8 @@ def get_parser():
          help="--dry_run: plan for this many processes (under torchrun it must equal WORLD_SIZE)")
     flag(g, "logger", default="", metavar="tensorboard,wandb,trackio",
          help="dashboards that get every log.jsonl entry too (rank 0; optional packages; log.jsonl stays)")
-    flag(g, "logger_dir", default=None, help="where the tensorboard and trackio files go; default --out_dir")
+    flag(g, "logger_dir", default=None,
+         help="where TensorBoard's files (and wandb's, unless WANDB_DIR) go; default --out_dir")
     flag(g, "run_name", default=None, help="the run's name in a dashboard; default --out_dir's name")
     return p
 

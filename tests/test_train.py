@@ -808,3 +808,12 @@ def test_stop_after_leaves_the_decay_start_to_branch_from(ref_run, data_dir, tmp
     assert ckpt_steps(base) == [3, 6, 8] and max(read_log(base)[0]) == 7
     run(data_dir, tmp_path / "arm", *REF, f"--resume={ckpt_path(base, 8)}")  # the branch: same as not stopping
     assert_same_tree(load(ckpt_path(ref_run[0], 12))["model"], load(ckpt_path(tmp_path / "arm", 12))["model"])
+
+
+def test_compile_without_a_compiler_is_one_line(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)  # a machine with no C/C++ compiler on PATH
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, tmp_path / "out", "--max_iters=2", "--warmup_iters=0", "--decay_iters=0", "--compile=1")
+    message = str(e.value.code)
+    assert "needs a C/C++ compiler" in message and "--compile=0" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
