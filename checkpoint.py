@@ -55,7 +55,7 @@ class Diverged(UserError):
 NOT_TRAINING = ("resume", "overwrite", "out_dir", "dry_run", "world_size", "logger", "logger_dir", "run_name")
 
 # where a run starts: step 0, or a checkpoint's state (the optimizer's, for train.py to load into the one it builds)
-Start = namedtuple("Start", "step best_val tokens_seen optimizer_name optimizer_state")
+Start = namedtuple("Start", "step best_val tokens_seen optimizer_name optimizer_state final_eval")
 
 
 class Run:
@@ -109,7 +109,7 @@ class Run:
         args = self.args
         self.model_config, self.tokenizer, self.train_loader = config, tokenizer, train_loader
         ckpts, branched = list_ckpts(args.out_dir), self.branches()
-        start = Start(0, None, 0, None, None)
+        start = Start(0, None, 0, None, None, True)
         if args.resume:
             ckpt = self.checkpoint_to_resume(ckpts, config, tokenizer)
             try:
@@ -125,8 +125,9 @@ class Run:
             else:
                 train_loader.load_state_dict(ckpt["train_loader"])
             set_rng_state(ckpt["rng"])
+            # a run that reached its end evaluates it, unless the log has it (a kill during it left none)
             start = Start(ckpt["step"], ckpt["best_val"], ckpt.get("tokens_seen"), ckpt["optimizer_name"],
-                          ckpt["optimizer"])
+                          ckpt["optimizer"], ckpt["step"] < end or not self.agreed(evaluated, args.out_dir, end))
             self.last_saved = ckpt["step"]
             del ckpt
         elif ckpts and not args.overwrite:
@@ -146,10 +147,19 @@ class Run:
                 # the dashboards too: the same run from start.step on, or a new one (a new run, a branch)
                 self.dashboards.open(args, start.step, resumed=bool(args.resume) and not branched,
                                      config={**vars(args), **asdict(config), "world_size": self.launch.world_size})
+            elif start.final_eval:
+                self.print(f"the run reached step {end}, but its final evaluation is missing: evaluating it now")
             else:
-                self.print(f"the run already reached step {end}; raise --max_iters (or --stop_after, "
-                           f"--long_context) to train further")
+                self.print(f"the run already reached step {end} and is evaluated: it is complete; raise --max_iters "
+                           f"(or --stop_after, --long_context) to train further")
         return start
+
+    def agreed(self, fn, *a):
+        """Collective. fn(*a) as rank 0 finds it (on its disk), the same on every rank."""
+        box = [fn(*a) if self.launch.master else None]
+        if self.launch.ddp:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def branches(self):
         """Whether --resume names another run's checkpoint: a branch (an ablation arm, the long-context phase)
@@ -239,6 +249,17 @@ class Run:
                                  f"it, then --resume") from None
             self.dashboards.log(entry)
 
+    def stopping(self):
+        return self.signals.signal is not None
+
+    def complete(self):
+        """After the final evaluation and sample: a stop asked for during them ends the process now, the run complete
+        (SIGINT and SIGTERM are taken until the run is, so they never cut its last evaluation short)."""
+        if self.stopping():
+            self.print(f"train.py: stopped by {self.signals.signal.name} after the final evaluation: the run is "
+                       f"complete, nothing to resume")
+            raise SystemExit(128 + self.signals.signal)
+
     def stop(self, step):
         """After the checkpoint of a stop request: say how to go on, and exit with 128 + the signal's number."""
         name = self.signals.signal.name if self.signals.signal else "a signal to another rank"
@@ -247,6 +268,26 @@ class Run:
 
 # -----------------------------------------------------------------------------
 # the pieces: checkpoint files, the divergence test, RNG state, signals
+
+
+def evaluated(out_dir, step):
+    """Whether out_dir's log holds the validation loss after `step` steps (a run's final evaluation)."""
+    try:
+        entries, _ = read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    except (OSError, ValueError):
+        return False
+    return any(e.get("step") == step and "val_loss" in e for e in entries)
+
+
+def saved_model_config(args):
+    """The GPTConfig of the checkpoint --resume names, or None if there is none to read: a run started with
+    --init_from continues from its own checkpoint, which holds the architecture (and the weights)."""
+    ckpts = list_ckpts(args.out_dir)
+    path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+    try:
+        return GPTConfig(**torch.load(path, map_location="cpu", weights_only=False, mmap=True)["model_config"])
+    except Exception:  # (what is wrong with it is said, in one line, when the run resumes it)
+        return None
 
 
 def list_ckpts(out_dir):

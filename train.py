@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fp8
 import muon
 import prepare_data
-from checkpoint import Run, list_ckpts, load_optimizer_state
+from checkpoint import Run, evaluated, list_ckpts, load_optimizer_state, saved_model_config
 from cli import Parser, Range, UserError, all_mean, fail, finish, flag, launch, run_main, str2bool
 from model import GPT, GPTConfig, PRESETS
 
@@ -279,7 +279,9 @@ def setup_model(args, meta, device, log):
     pretrained = None
     try:
         config = GPTConfig.from_preset(args.preset, **overrides)
-        if args.init_from and device.type != "meta":  # a released checkpoint: its architecture and weights
+        if args.init_from and args.resume:  # the run's own checkpoint holds the architecture and the weights
+            config = replace(saved_model_config(args) or config, block_size=config.block_size)
+        elif args.init_from and device.type != "meta":  # a released checkpoint: its architecture and weights
             import hf  # (Hugging Face interop: needs safetensors, and huggingface_hub for a hub id)
             config, pretrained = hf.init_from(args.init_from, config.block_size, meta["tokenizer"], args.data_dir, log)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a missing --init_from, an unreachable hub)
@@ -345,8 +347,9 @@ def train(args):
     with Run(args, run_on, log, keep_steps=(decay_start(args), args.max_iters)) as run:
         start = run.start(model, train_loader, model.config, meta["tokenizer"], end)  # step 0, or --resume's
         val_loss, best_val = loop(args, run, start, end, model, train_loader, val_loader, autocast, log)
-    if tok is not None:
-        sample(model, tok, args.sample_len, run_on.device, autocast, log)
+        if tok is not None and not run.stopping():
+            sample(model, tok, args.sample_len, run_on.device, autocast, log)
+        run.complete()
     finish(run_on)
     return {"val_loss": val_loss, "best_val": best_val, "config": model.config, "args": args}
 
@@ -441,7 +444,7 @@ def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, l
         if stopping:
             run.stop(step + 1)
 
-    if start.step < end:
+    if start.final_eval:
         val_loss, best_val = validate(run, log, model, val_loader, end, args, autocast, tokens_seen, best_val,
                                       final=True)
     return val_loss, best_val
@@ -672,7 +675,9 @@ def main(argv=None):
     args = parse_args(argv)
 
     def kept():  # what a second Ctrl-C, or one before training started, leaves
-        ckpts = list_ckpts(args.out_dir)
+        ckpts, end = list_ckpts(args.out_dir), min(total_iters(args), args.stop_after or math.inf)
+        if ckpts and ckpts[-1][0] == end and evaluated(args.out_dir, end):
+            return "the run is complete, nothing to resume"
         return f"--resume continues from {ckpts[-1][1]}" if ckpts else "no checkpoint was written"
     return run_main(PROG, train, args, on_interrupt=kept)
 

@@ -567,3 +567,59 @@ def test_a_non_finite_flag_value_is_said_to_be_one(capsys, value):
         train.get_parser().parse_args([f"--lr={value}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--lr={value} is out of range: allowed >= 0, and the value must be finite" in err
+
+# -----------------------------------------------------------------------------
+# signals cover the whole run: the final evaluation and the sample; a missing final evaluation comes on --resume
+
+
+def val_entries(out_dir):
+    entries, _ = safeio.read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    return [e for e in entries if "val_loss" in e]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_the_final_evaluation_lets_it_finish(data_dir, tmp_path, monkeypatch, capsys, sig):
+    out, real = tmp_path / "out", train.validate
+
+    def signalled(run, log, model, loader, step, *a, final=False, **k):
+        if final:  # the signal arrives while the final evaluation runs
+            os.kill(os.getpid(), sig)
+        return real(run, log, model, loader, step, *a, final=final, **k)
+    monkeypatch.setattr(train, "validate", signalled)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, *REF, "--sample_len=20")
+    assert e.value.code == 128 + sig
+    said = capsys.readouterr().out
+    assert "the run is complete, nothing to resume" in said and "sample:" not in said
+    assert [v["step"] for v in val_entries(out)][-1] == 12  # the final evaluation, logged
+    monkeypatch.setattr(train, "validate", real)
+    before = open(out / "log.jsonl").read()
+    run(data_dir, out, *REF, "--resume")  # nothing to do, and it says so
+    assert "is evaluated: it is complete" in capsys.readouterr().out and open(out / "log.jsonl").read() == before
+
+
+def test_a_finished_run_without_its_final_evaluation_gets_it_on_resume(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = run(data_dir, out, *REF)
+    lines = open(out / "log.jsonl").read().splitlines()
+    assert '"val_loss"' in lines[-1] and '"step": 12' in lines[-1]
+    open(out / "log.jsonl", "w").write("\n".join(lines[:-1]) + "\n")  # killed (SIGKILL) during it
+    again = run(data_dir, out, *REF, "--resume")
+    assert "its final evaluation is missing: evaluating it now" in capsys.readouterr().out
+    assert again["val_loss"] == first["val_loss"] and open(out / "log.jsonl").read().splitlines()[:-1] == lines[:-1]
+    assert [v["step"] for v in val_entries(out)][-1] == 12
+
+
+def test_resuming_an_init_from_run_does_not_need_the_release_again(data_dir, tmp_path):
+    import hf
+    base = tmp_path / "base"
+    run(data_dir, base, "--max_iters=2", "--warmup_iters=0", "--decay_iters=1", "--eval_interval=0")
+    model, _, _ = hf.load_checkpoint(str(base))
+    release = hf.save_pretrained(model, str(tmp_path / "release"))
+    common = ["--max_iters=4", "--warmup_iters=0", "--decay_iters=1", "--eval_interval=0", "--block_size=32",
+              "--batch_size=4", "--total_batch_size=256", "--eval_iters=2", "--sample_len=0", f"--data_dir={data_dir}",
+              f"--out_dir={tmp_path / 'out'}", f"--init_from={release}"]  # (no model flags: the release's)
+    train.main([*common, "--stop_after=2"])
+    os.rename(release, tmp_path / "moved")  # the release is gone (or the hub unreachable): the run holds it all
+    res = train.main([*common, "--resume"])
+    assert res["config"].n_embd == model.config.n_embd and checkpoint.list_ckpts(str(tmp_path / "out"))[-1][0] == 4
