@@ -634,6 +634,9 @@ def parse_args(argv=None):
     # the sequence length of warmup, stable and decay (--init_from keeps it too)
     args.block_size = args.block_size or GPTConfig(**PRESETS[args.preset]).block_size
     args.long_context = parse_long_context(args.long_context, args)
+    if args.long_context and args.long_context_warmup >= total_iters(args) - args.max_iters:
+        raise refuse(f"--long_context_warmup={args.long_context_warmup} steps do not fit in the long-context phase's "
+                     f"{total_iters(args) - args.max_iters}; give a shorter one (the release: 500 of 10,000)")
     given = [k for k in MODEL_FIELDS if getattr(args, k) is not None and k != "block_size"]
     if args.init_from and given:
         raise refuse(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")
