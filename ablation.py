@@ -16,6 +16,10 @@ as a positive difference over the first decay steps.
     python ablation.py --arms=adamw,muon,muon_spectral,muon_polar,muon_split --seeds=1,2,3
     python ablation.py --branch=start --arms=hp,fp8,fp8_current    # FP8 parity: every arm from step 0
     python ablation.py --quick               # a tiny version, under a minute (tests/ run it)
+    python ablation.py --widths=64,128,256 --seeds=1,2,3,4,5,6,7,8 --arms=adamw,muon --jobs=2 --out=runs/widths
+    python ablation.py --quick --widths=32,64 --arms=adamw,muon --jobs=2     # the same, tiny (tests/ run it)
+    python ablation.py --widths=64,128,256 --arms=adamw,muon,muon_unit --jobs=2 --out=runs/widths \
+        --arm='muon_unit:--muon_at_decay --muon_scale=unit_rms_norm'     # + Muon with the width-invariant rule
     # GPU proxy (see docs/experiments.md for data and cost):
     python ablation.py --train_args="--preset=nano --data_dir=data/packages-byte --max_iters=600 --decay_iters=120 \
         --warmup_iters=60 --batch_size=16 --total_batch_size=59392 --eval_interval=100" --out=runs/ablation-nano
@@ -25,10 +29,17 @@ changes the initial weights; the data order is the corpus's own and the same for
 finished in --out (its final checkpoint there) is not run again, so an interrupted ablation continues.
 Writes --out/results.json, --out/decay.png (seed 1's stable phase and every arm's decay) and
 --out/differences.png (each arm's paired difference per seed, with its interval).
+
+--widths=64,128,256: the same ablation at each width (n_embd; n_head = width / head_dim, the MLP 2.5x as wide,
+--train_args' depth and schedule), each in --out/w<width>/ as above, then --out/widths.json and --out/gain.png:
+each arm's paired difference from the control, its mean and 95% interval, against width. --jobs=N runs N
+train.py processes at once, one thread each (the seeds' stable phases are independent; an arm's decay starts once
+its seed's stable phase is done), with the same numbers as --jobs=1 on one thread. Every run is named for a dashboard
+(--train_args="--logger=wandb"): w<width>-s<seed>-<arm> (s<seed>-<arm> without --widths; the stable phase's arm
+is "stable").
 """
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -38,7 +49,9 @@ import time
 
 import evaluate
 import train
-from cli import Parser, Range, UserError, flag, run_main, split_words
+from cli import Parser, Range, UserError, comma_list, flag, run_main, split_words
+from model import PRESETS, GPTConfig
+from mup_sweep import Job, claim_run_dir, is_finished, mark_finished, run_jobs, width_flags
 from safeio import FileLock, atomic_write, check_output, is_png, json_with, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window
@@ -80,62 +93,50 @@ class AblationError(UserError):
 
 DONE = "ablation_run.json"  # in a run's out_dir once it has finished: the train.py flags it was made with
 OUTPUTS = {"results.json": ("results", json_with("arms", "control", "summary")), "decay.png": ("PNG", is_png),
-           "differences.png": ("PNG", is_png)}  # in --out, told by their content
+           "differences.png": ("PNG", is_png)}  # in --out (--widths: in each width's), told by their content
+WIDTH_OUTPUTS = {"widths.json": ("results", json_with("widths", "control", "gains")), "gain.png": ("PNG", is_png)}
 
 
-def train_run(argv, out_dir):
-    """train.main(argv + --out_dir) in this process, its output in out_dir/train.out; the result dict. A run is
-    marked finished (DONE) only when it trained and ran its final evaluation."""
-    held = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    if held and not {DONE, "train.out"} & set(held):  # (train.py --overwrite would replace someone's run)
-        raise AblationError(f"{out_dir} holds files ablation.py did not make; move it away or choose another --out")
-    make_dir(out_dir, "--out")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out_dir, DONE))  # (re)running: not finished until it says so again
-    try:
-        with open(os.path.join(out_dir, "train.out"), "a") as f, contextlib.redirect_stdout(f):
-            result = train.main([*argv, f"--out_dir={out_dir}"])
-    except SystemExit as e:  # (train.py's errors are cli.ErrorExits, whose code is their line: they pass on)
-        if isinstance(e.code, int) and e.code > 128:  # train.py stopped at a signal, its checkpoint saved
-            raise SystemExit(f"ablation.py: stopped by a signal in {out_dir}; the same command continues (finished "
-                             f"arms are kept, an unfinished one runs again)") from None
-        raise
-    if result.get("val_loss") is None:  # e.g. resumed at or past its end: nothing trained, no final evaluation
-        raise AblationError(f"train.py {' '.join(argv)} trained nothing in {out_dir}; it is not marked finished")
-    write_json(os.path.join(out_dir, DONE), {"argv": argv, "val_loss": result["val_loss"]})
-    return result
+def train_runs(jobs, n):
+    """Each job's train.py (run_jobs: n at a time), into an out_dir of ablation.py's own; a run is marked finished
+    (DONE) only when it trained and ran its final evaluation."""
+    for job in jobs:  # (train.py --overwrite would replace someone's run)
+        claim_run_dir(job.out_dir, DONE, "ablation.py", "--out", AblationError)
+
+    def done(job, result):
+        where = f"train.py {' '.join(job.argv)} {{}} in {job.out_dir}"
+        if result.get("diverged"):
+            raise AblationError(where.format("diverged (its loss went non-finite; see train.out there)"))
+        if result.get("val_loss") is None:  # e.g. resumed at or past its end: nothing trained, no final evaluation
+            raise AblationError(where.format("trained nothing") + "; it is not marked finished")
+        mark_finished(job.out_dir, DONE, job.argv, result["val_loss"])
+        print(f"{job.key}: {result['seconds']:.0f} s", file=sys.stderr)
+    run_jobs(jobs, n, done)
 
 
 def finished(out_dir, argv):
     """Whether out_dir holds a finished run of exactly these flags (a run of other --train_args, another --arm
     definition, one killed before its final evaluation, or one that trained nothing runs again)."""
-    try:
-        with open(os.path.join(out_dir, DONE)) as f:
-            done = json.load(f)
-        return done["argv"] == argv and done["val_loss"] is not None
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return is_finished(out_dir, DONE, argv)
 
 
-def run_seed(seed, arms, args, base_argv, decay_at, end):
-    """One seed: the shared stable phase (branch=decay), then every arm; {arm: metrics}."""
-    root = os.path.join(args.out, f"seed{seed}")
+def seed_jobs(seed, args, out, base_argv, decay_at, prefix=""):
+    """One seed's runs still to do in out: the shared stable phase (branch=decay), then every arm; a new stable
+    phase means every arm branches from it again. Each run's key is its name in a dashboard (--run_name, which
+    changes no number: finished() ignores it): <prefix>s<seed>-<arm>, the stable phase's arm "stable"."""
+    root = os.path.join(out, f"seed{seed}")
     base = os.path.join(root, "base")
+    name = lambda arm: f"{prefix}s{seed}-{arm}"
     stable = [*base_argv, f"--seed={seed}", f"--stop_after={decay_at}", "--overwrite"]
     rerun = args.branch == "decay" and not finished(base, stable)
-    if rerun:
-        train_run(stable, base)
-    out = {}
-    for arm in arms:
+    jobs = [Job(name("stable"), stable + [f"--run_name={name('stable')}"], base, None)] if rerun else []
+    for arm in args.arm_list:
         d = os.path.join(root, arm)
         branch = [f"--resume={os.path.join(base, f'ckpt_{decay_at:07d}.pt')}"] if args.branch == "decay" else []
         argv = [*base_argv, f"--seed={seed}", *branch, "--overwrite", *arm_flags(arm, args)]
-        if rerun or not finished(d, argv):  # (a new stable phase: every arm branches from it again)
-            t0 = time.time()
-            train_run(argv, d)
-            print(f"seed {seed} {arm}: {time.time() - t0:.0f} s", file=sys.stderr)
-        out[arm] = metrics(d, decay_at, args)
-    return out
+        if rerun or not finished(d, argv):
+            jobs.append(Job(name(arm), argv + [f"--run_name={name(arm)}"], d, name("stable") if rerun else None))
+    return jobs
 
 
 def arm_flags(arm, args):
@@ -208,18 +209,20 @@ def print_table(results, summary, arms, control):
                   f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] over {p['n']} seeds: {verdict}")
 
 
-def pictures(results, summary, arms, control, args, decay_at):
-    """decay.png via plot.py (seed 1: the shared stable phase and every arm), differences.png (paired, per seed)."""
+def pictures(results, summary, arms, control, args, decay_at, out=None):
+    """decay.png via plot.py (seed 1: the shared stable phase and every arm), differences.png (paired, per seed),
+    in out (--out, or a width's directory)."""
     try:
         import plot
         import matplotlib
     except ImportError:
         return print("ablation.py: the pictures need matplotlib: pip install matplotlib")
+    out = out or args.out
     seed = sorted(results)[0]
-    root = os.path.join(args.out, f"seed{seed}")
+    root = os.path.join(out, f"seed{seed}")
     runs = ([os.path.join(root, "base")] if args.branch == "decay" else []) + [os.path.join(root, a) for a in arms]
     labels = (["stable phase"] if args.branch == "decay" else []) + list(arms)
-    plot.plot_runs(runs, os.path.join(args.out, "decay.png"), labels=labels,  # (branch=start: the whole runs)
+    plot.plot_runs(runs, os.path.join(out, "decay.png"), labels=labels,  # (branch=start: the whole runs)
                    from_step=max(0, decay_at - args.decay_iters) if args.branch == "decay" else None,
                    title=f"seed {seed}: " + (f"{', '.join(arms)}: each decay from one stable-phase checkpoint"
                                              if args.branch == "decay" else f"{', '.join(arms)}, from step 0"))
@@ -243,21 +246,65 @@ def pictures(results, summary, arms, control, args, decay_at):
     ax.set_title(f"paired differences over {len(results)} seeds (grey) and their mean with a 95% interval",
                  fontsize=8)
     fig.tight_layout()
-    with atomic_write(os.path.join(args.out, "differences.png")) as f:  # a full disk leaves the old picture
+    with atomic_write(os.path.join(out, "differences.png")) as f:  # a full disk leaves the old picture
         fig.savefig(f, format="png", dpi=120)
-    print(f"wrote {args.out}/decay.png and differences.png (matplotlib {matplotlib.__version__})")
+    print(f"wrote {out}/decay.png and differences.png (matplotlib {matplotlib.__version__})")
+
+
+def gain_picture(widths, gains, control, path, note=""):
+    """gain.png: each arm's paired difference from the control (mean, 95% interval) against width, for the final
+    val loss and bits per byte; below zero the arm is better."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return print("ablation.py: the pictures need matplotlib: pip install matplotlib")
+    fig = Figure(figsize=(10, 4))
+    arms = list(gains)
+    for j, (m, what) in enumerate([("val_loss", "final val loss"), ("bits_per_byte", "bits per byte")]):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for i, a in enumerate(arms):
+            x = [math.log2(w) + 0.06 * (i - (len(arms) - 1) / 2) for w in widths]  # (arms side by side)
+            ps = [g["paired"][m] for g in gains[a]]
+            y = [p["mean"] for p in ps]
+            err = [[p["mean"] - p["ci95"][0] if p["ci95"] else 0 for p in ps],
+                   [p["ci95"][1] - p["mean"] if p["ci95"] else 0 for p in ps]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{3 + i}", capsize=4, label=f"{a} - {control}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks([math.log2(w) for w in widths], [str(w) for w in widths])
+        ax.set_xlabel("width (n_embd)")
+        ax.set_ylabel(f"{what}, arm - {control}")
+        ax.grid(alpha=0.3)
+        if j == 0:
+            ax.legend(fontsize=8)
+    n = sorted({p["n"] for a in arms for g in gains[a] for p in [g["paired"]["val_loss"]]})
+    fig.suptitle(f"The switch's gain against width: paired differences, mean and 95% interval over "
+                 f"{'/'.join(map(str, n))} seeds (below zero: the arm is better)", fontsize=10)
+    fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+    print(f"wrote {path}")
 
 
 def get_args(argv=None):
     p = Parser(prog="ablation.py", description=__doc__.split("\n")[1])
-    flag(p, "arms", default="adamw,muon,muon_rewarm", help=f"comma-separated, of {', '.join(ARMS)}; the first is "
-         "the control")
+    flag(p, "arms", type=comma_list(str, what="names"), default="adamw,muon,muon_rewarm", help="comma-separated, "
+         f"of {', '.join(ARMS)}; the first is the control")
     flag(p, "arm", action="append", default=[], metavar="NAME:FLAGS", help="define an arm, e.g. "
-         "'muon_m9:--muon_at_decay --muon_momentum=0.9' (repeatable); then name it in --arms")
-    flag(p, "seeds", default="1,2,3,4,5", help="train.py --seed of each stable phase, each once")
+         "'muon_m9:--muon_at_decay --muon_momentum=0.9' or Muon with the width-invariant rule, "
+         "'muon_unit:--muon_at_decay --muon_scale=unit_rms_norm' (repeatable); then name it in --arms")
+    flag(p, "seeds", type=comma_list(int, Range(0), "non-negative integers"), default="1,2,3,4,5",
+         help="train.py --seed of each stable phase, each once")
     flag(p, "branch", default="decay", choices=["decay", "start"], help="decay: the arms branch at the decay start "
          "from one stable phase (the paper's design); start: every arm trains from step 0 (e.g. FP8 parity)")
     flag(p, "train_args", default=CPU_TRAIN_ARGS, help="train.py flags shared by every run")
+    flag(p, "widths", type=comma_list(int, Range(1), "positive integers"), default=None, help="n_embd values: the "
+         "ablation at each width, in --out/w<width>/, and the gain against width (default: --train_args' width)")
+    flag(p, "head_dim", type=int, default=None, range=Range(1), help="--widths: n_head = width / head_dim (default: "
+         "--train_args' model's; its query heads per kv head stay too)")
+    flag(p, "jobs", type=int, default=1, range=Range(1), help="train.py runs at once, each its own process on one "
+         "thread (2 on a 2-core machine); the same numbers as --jobs=1 on one thread (OMP_NUM_THREADS=1), which "
+         "runs them here, one at a time")
     flag(p, "val_tokens", type=int, default=1 << 20, range=Range(1), help="evaluate.py --val tokens per arm")
     flag(p, "device", default="auto")
     flag(p, "out", default="runs/ablation", help="where the runs, results.json and the pictures go")
@@ -265,7 +312,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:  # (the flags given still apply)
         args.train_args = QUICK_TRAIN_ARGS if args.train_args == CPU_TRAIN_ARGS else args.train_args
-        args.seeds = "1,2" if args.seeds == "1,2,3,4,5" else args.seeds
+        args.seeds = [1, 2] if args.seeds == [1, 2, 3, 4, 5] else args.seeds
         args.val_tokens = 4096
     args.train_flags = split_words(p, args.train_args, "--train_args")
     args.arm_defs = dict(ARMS)
@@ -277,35 +324,15 @@ def get_args(argv=None):
             p.error(f"--arm={spec}: {name!r} is not a plain name (letters, digits, _ . -; not base): it names the "
                     "arm's run directory under --out")
         args.arm_defs[name] = split_words(p, flags, f"--arm={spec}")
-    args.arm_list = comma_list(p, "--arms", args.arms, str, "names")
+    args.arm_list, args.seed_list = args.arms, args.seeds
     unknown = [a for a in args.arm_list if a not in args.arm_defs]
     if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(args.arm_defs)} or define one with "
                 "--arm=NAME:FLAGS")
-    args.seed_list = comma_list(p, "--seeds", args.seeds, seed_number, "non-negative integers")
     return args
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # an arm's name: a directory name, never a path
-
-
-def seed_number(s):
-    if not s.isdigit():
-        raise ValueError(s)
-    return int(s)
-
-
-def comma_list(p, name, text, item, kind):
-    """The values of a comma-separated flag (item parses one), each once: a seed given twice would count one result
-    as two, an arm given twice would be compared with itself. One line for a bad, repeated or missing value."""
-    try:
-        values = [item(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{name}={text}: expected comma-separated {kind}")
-    twice = [v for i, v in enumerate(values) if v in values[:i]]
-    if not values or twice:
-        p.error(f"{name}={text}: " + (f"{twice[0]} is given twice; name each once" if twice else "name at least one"))
-    return values
 
 
 def main(argv=None):
@@ -320,34 +347,87 @@ def ablate(args):
     if args.branch == "decay" and decay_at == 0:
         raise AblationError("the decay starts at step 0, so there is no stable phase to share; give --train_args a "
                             "--max_iters above --decay_iters")
-    for arm in args.arm_list:  # each arm's flags too, before hours of training reach it
-        check_arm(arm, args, base_argv, decay_at if args.branch == "decay" else 0)
+    # each width: its directory (--out itself without --widths) and its train.py flags
+    args.shape = model_shape(sched, args) if args.widths else None
+    widths = {None: (args.out, base_argv)} if not args.widths else {
+        w: (os.path.join(args.out, f"w{w}"), base_argv + width_flags(w, *args.shape)) for w in args.widths}
+    for out, argv in widths.values():
+        for arm in args.arm_list:  # each arm's flags too, before hours of training reach it
+            check_arm(arm, args, argv, decay_at if args.branch == "decay" else 0)
     make_dir(args.out, "--out")
     with FileLock(os.path.join(args.out, ".lock"), "ablation.py run"):  # a second ablation into --out: one line
-        for name, (kind, is_ours) in OUTPUTS.items():  # it replaces its own outputs, nothing else
+        for out in [o for o, _ in widths.values()]:  # it replaces its own outputs, nothing else
+            for name, (kind, is_ours) in OUTPUTS.items():
+                check_output(os.path.join(out, name), "--out", kind, is_ours, name)
+        for name, (kind, is_ours) in WIDTH_OUTPUTS.items() if args.widths else ():
             check_output(os.path.join(args.out, name), "--out", kind, is_ours, name)
-        return run_arms(args, base_argv, decay_at, end)
+        t0 = time.time()
+        print(f"ablation: arms {', '.join(args.arm_list)} (control {args.arm_list[0]}), seeds "
+              f"{','.join(map(str, args.seed_list))}, " + (f"widths {','.join(map(str, args.widths))}, "
+                                                           if args.widths else "")
+              + f"branch at {'the decay start, step ' + str(decay_at) if args.branch == 'decay' else 'step 0'} of "
+              f"{end}; runs in {args.out}", flush=True)
+        train_runs([job for w, (out, argv) in widths.items() for seed in args.seed_list
+                    for job in seed_jobs(seed, args, out, argv, decay_at, f"w{w}-" if w else "")], args.jobs)
+        done = {w: report(args, out, decay_at, t0) for w, (out, _) in widths.items()}
+        return done[None] if not args.widths else width_report(args, done, t0)
 
 
-def run_arms(args, base_argv, decay_at, end):
-    t0 = time.time()
-    print(f"ablation: arms {', '.join(args.arm_list)} (control {args.arm_list[0]}), seeds {args.seeds}, branch at "
-          f"{'the decay start, step ' + str(decay_at) if args.branch == 'decay' else 'step 0'} of {end}; "
-          f"runs in {args.out}", flush=True)
+def model_shape(sched, args):
+    """--widths: the head dim and query heads per kv head of --train_args' model (its preset and flags), which
+    every width keeps; --head_dim replaces the first."""
+    c = GPTConfig(**{**PRESETS[sched.preset], **{k: getattr(sched, k) for k in train.MODEL_FIELDS
+                                                 if getattr(sched, k) is not None}})
+    head_dim = args.head_dim or c.n_embd // c.n_head
+    odd = [w for w in args.widths if w % head_dim]
+    if odd:
+        raise AblationError(f"--widths: {', '.join(map(str, odd))} is not a multiple of the head dim, {head_dim}; "
+                            "choose other widths or --head_dim")
+    return head_dim, c.n_head // c.n_kv_head
+
+
+def report(args, out, decay_at, t0):
+    """One width's ablation, its runs done: every arm's metrics, the table, out/results.json and its pictures."""
     results = {}
     for seed in args.seed_list:
-        results[seed] = run_seed(seed, args.arm_list, args, base_argv, decay_at, end)
+        root = os.path.join(out, f"seed{seed}")
+        results[seed] = {arm: metrics(os.path.join(root, arm), decay_at, args) for arm in args.arm_list}
         print(f"seed {seed}: " + ", ".join(f"{a} {m['val_loss']:.4f}" for a, m in results[seed].items()), flush=True)
     control = args.arm_list[0]
     summary = summarize(results, args.arm_list, control)
     print_table(results, summary, args.arm_list, control)
-    write_json(os.path.join(args.out, "results.json"), dict(
+    write_json(os.path.join(out, "results.json"), dict(
         arms={a: args.arm_defs[a] for a in args.arm_list}, control=control, branch=args.branch, decay_start=decay_at,
         train_args=args.train_args, seeds=args.seed_list, results={str(k): v for k, v in results.items()},
         summary=summary, seconds=round(time.time() - t0)), indent=1)
-    pictures(results, summary, args.arm_list, control, args, decay_at)
-    print(f"wrote {args.out}/results.json ({time.time() - t0:.0f} s)")
+    pictures(results, summary, args.arm_list, control, args, decay_at, out)
+    print(f"wrote {out}/results.json ({time.time() - t0:.0f} s)")
     return results, summary
+
+
+def width_report(args, done, t0):
+    """--widths: each arm's paired difference from the control at each width, in a table, --out/widths.json and
+    --out/gain.png; {width: (results, summary)}."""
+    control, widths = args.arm_list[0], sorted(done)
+    gains = {a: [dict(width=w, paired=done[w][1][a]["paired"], mean=done[w][1][a]["mean"]) for w in widths]
+             for a in args.arm_list[1:]}
+    print("\n| width | " + " | ".join(f"{a} - {control}: {m}, mean [95% interval]" for a in gains
+                                        for m in ("val loss", "bits per byte")) + " |")
+    print("|---" * (1 + 2 * len(gains)) + "|")
+    cell = lambda p: f"{p['mean']:+.4f}" + (f" [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p["ci95"] else "")
+    for i, w in enumerate(widths):
+        print(f"| {w} | " + " | ".join(cell(gains[a][i]["paired"][m]) for a in gains
+                                       for m in ("val_loss", "bits_per_byte")) + " |")
+    write_json(os.path.join(args.out, "widths.json"), dict(
+        widths=widths, control=control, arms={a: args.arm_defs[a] for a in args.arm_list}, train_args=args.train_args,
+        head_dim=args.shape[0], heads_per_kv_head=args.shape[1], seeds=args.seed_list, gains=gains,
+        date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0)), indent=1)
+    if gains:
+        note = (f"Each run: train.py {args.train_args} at n_embd = width, n_head = width / {args.shape[0]} "
+                f"({args.shape[1]} per kv head), mlp_hidden = 2.5 width; {time.strftime('%Y-%m-%d')}.")
+        gain_picture(widths, gains, control, os.path.join(args.out, "gain.png"), note)
+    print(f"wrote {args.out}/widths.json ({time.time() - t0:.0f} s)")
+    return done
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class Parser(argparse.ArgumentParser):
             given = m.group(1).split("=")[0]
             close = difflib.get_close_matches(given, [o for a in self._actions for o in a.option_strings], n=1)
             message = f"unknown flag {given}" + (f" (did you mean {close[0]}?)" if close else "")
+        # a value's refusal that starts with "=" names the value (comma_list's): "--seeds=1,1: 1 is given twice"
+        message = re.sub(r"^argument (--\w+): =", r"\1=", message)
         self.exit(2, f"{self.prog}: error: {message}; see python {self.prog} --help\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -91,6 +93,31 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"{a.option_strings[0]}={value} {why}")
         return ns
 
+
+def comma_list(kind, check=None, what=None):
+    """An argparse type: comma-separated values, each parsed by kind (int, float, str) and allowed by check (a
+    predicate or a Range), each given once: a seed given twice would count one run as two, an arm given twice would be
+    compared with itself. A bad, repeated or missing value is the parser's one line, "--seeds=1,1: 1 is given
+    twice; name each once".
+
+        flag(p, "seeds", type=comma_list(int, Range(0), "integers >= 0"), default=[1])"""
+    what = what or f"{kind.__name__} values"
+    allowed = (lambda v: v in check) if isinstance(check, Range) else check
+
+    def parse(text):
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if values is None or (allowed and not all(map(allowed, values))):
+            raise argparse.ArgumentTypeError(f"={text}: expected comma-separated {what}")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if not values or twice:
+            raise argparse.ArgumentTypeError(f"={text}: " + (f"{twice[0]} is given twice; name each once" if twice
+                                                             else "name at least one"))
+        return values
+    parse.__name__ = "comma_list"  # (argparse names the type in some of its own messages)
+    return parse
 
 
 def split_words(parser, text, what):

@@ -1,32 +1,44 @@
 """
-mup_sweep.py: does the learning rate transfer across width? The evidence for muP, as two pictures.
+mup_sweep.py: does the learning rate transfer across width? The evidence for muP, as three pictures.
 
 1. The sweep (the figure of microsoft/mup's README). Proxies of several widths train over a grid of learning
    rates, once with muP and once with the standard parameterization (train.py --mup=0), for one or more seeds.
    The figure plots the final validation loss against log2 of the learning rate, one curve per width, muP
    and SP side by side, with a star at each width's best LR. Under muP the best LR should stay put as the
    model widens; under SP it should move (down).
-2. The coordinate check (--coord). Models of several widths take a few AdamW steps at a high LR; the figure
+2. The Muon sweep (--optimizer=muon): the same grid under muP with Muon, one panel per width rule of Muon's
+   update (train.py --muon_scale, muon.MUON_SCALES): which rule makes Muon's LR transfer? The recipe's
+   (moonlight: RMS-matched, hidden eta/m) takes an update whose spectral norm falls as width^-1/2
+   (tests/test_muon.py), so its best eta should rise with width; the release's sweep rule (moonlight_sqrt_m)
+   and Megatron-LM's (unit_rms_norm) keep it flat. --muon_phase=all: Muon from step 0 (train.py
+   --optimizer=muon, the standard transfer test); --muon_phase=decay: per width and seed one AdamW stable phase
+   at --stable_lr, then the decay with Muon (train.py --muon_at_decay) at each eta, as the recipe uses Muon.
+3. The coordinate check (--coord). Models of several widths take a few AdamW steps at a high LR; the figure
    plots the mean |activation| at four places in the network against width, one line per step. Under muP
    the lines are flat; under SP they climb. tests/test_model.py::test_coordinate_check asserts the slopes of
    the same measurement (coordinate_sizes below).
 
-    python mup_sweep.py --threads=1 --overwrite      # CPU: widths 64-512, 6 LRs, seed 1: ~1 h on 2 shared cores
+    python mup_sweep.py --jobs=2 --overwrite         # CPU: widths 64-512, 6 LRs, seed 1: ~25 min on 2 cores
                                                      # (--overwrite: the committed figures/mup_sweep.json is redone)
-    python mup_sweep.py --threads=1 --seeds=2 --resume    # + a second seed for error bars: ~1 h more
+    python mup_sweep.py --jobs=2 --seeds=2 --resume  # + a second seed for error bars
+    python mup_sweep.py --optimizer=muon --seeds=1,2 --jobs=2 --resume    # Muon from step 0, four rules: ~3.5 h
+    python mup_sweep.py --optimizer=muon --muon_phase=decay --seeds=1,2 --jobs=2 --resume   # in the decay: ~1 h
     python mup_sweep.py --coord --overwrite          # the coordinate check, a few minutes on a CPU
     python mup_sweep.py --plot_only=figures/mup_sweep.json      # redraw a figure from its JSON
     python mup_sweep.py --quick                      # a tiny sweep for a test, well under a minute
+    python mup_sweep.py --quick --optimizer=muon [--muon_phase=decay]       # the Muon sweep's, as tiny
     python mup_sweep.py --widths=256,512,1024,1536 --out=runs/mup_gpu.json \
         --train_args="--preset=nano --data_dir=data/X --max_iters=2000"
 
-Any train.py flag can go through --train_args; the width flags (n_embd, n_head, n_kv_head, mlp_hidden), --lr,
---mup and --seed are set per run. The JSON keeps every run (its final val loss, NaN where the loss went
-non-finite and train.py stopped); the printed table and the figure show the mean over seeds and its spread.
-The figure needs matplotlib (imported only to draw); without it the numbers still come.
+Any train.py flag can go through --train_args (--logger too: each run is named --run_name=<rule or muP/SP>-
+w<width>-lr<lr>-s<seed>); the width flags (n_embd, n_head, n_kv_head, mlp_hidden), --lr, --mup, --seed and the
+Muon flags are set per run. --jobs=N runs N train.py processes at once, one thread each, with the same numbers
+as one at a time on one thread. The JSON keeps every run (its final val loss, NaN where the loss went
+non-finite and train.py stopped), written after each, so --resume continues a stopped sweep; the printed table
+and the figure show the mean over seeds and its spread, and a warning names any width whose best LR is at the
+grid's edge. The figure needs matplotlib (imported only to draw); without it the numbers still come.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -34,23 +46,42 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
 
-from cli import ErrorExit, Parser, Range, UserError, flag, run_main, split_words, str2bool
+import muon
+from cli import ErrorExit, Parser, Range, UserError, comma_list, flag, run_main, split_words, str2bool
 from model import GPT, GPTConfig
-from safeio import atomic_write, check_output, is_png, json_with, write_json
+from safeio import atomic_write, check_output, is_png, json_with, make_dir, write_json
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 PARAMS = ("muP", "SP")  # the two parameterizations, in the figure's order (train.py --mup=1 / --mup=0)
+RULES = tuple(muon.MUON_SCALES)  # the Muon sweep's panels: Muon's width rules (train.py --muon_scale)
+# a sweep's kind: the field its runs are told apart by (a panel of the figure each), and those fields' values
+PANELS = {"sweep": ("parameterization", PARAMS), "muon_sweep": ("rule", RULES)}
 DEFAULT_TRAIN_ARGS = ("--n_layer=2 --block_size=128 --batch_size=16 --total_batch_size=2048 --max_iters=150 "
                       "--warmup_iters=15 --decay_iters=30 --eval_iters=20")
+ADAMW_LRS = [0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02]
+# the Muon sweep's eta grid per rule (factors of 2), wide enough that every width's best lies inside. At the base
+# width (256) unit_rms_norm and spectral step ~3-5x less than moonlight at the same eta (sqrt(rows/cols) ~ 1-1.6
+# against 0.2 sqrt(max(rows, cols)) = 3.2-5), so their grids sit higher; the best eta can only rise with width
+# (moonlight's update shrinks as width^-1/2, spectral's as width^-1: tests/test_muon.py), so each grid reaches
+# 2-3 factors of 2 above the best a probe found at width 128 (seed 1, these --train_args, 2026-12-05: moonlight
+# 0.02, moonlight_sqrt_m 0.02, unit_rms_norm 0.08, spectral 0.04; every rule 0.01 at width 64)
+MUON_LRS = {"moonlight": [0.00125 * 2 ** k for k in range(8)],         # 0.00125 .. 0.16
+            "moonlight_sqrt_m": [0.00125 * 2 ** k for k in range(8)],  # 0.00125 .. 0.16
+            "unit_rms_norm": [0.0025 * 2 ** k for k in range(8)],      # 0.0025 .. 0.32
+            "spectral": [0.0025 * 2 ** k for k in range(9)]}           # 0.0025 .. 0.64
+STABLE_LR = 0.005  # --muon_phase=decay's AdamW stable phase: the AdamW sweep's best eta at every width
 # --quick: a tiny version of everything, for tests (any flag given explicitly still wins)
-QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1], out="out/mup_sweep_quick.json",
+QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1],
              train_args="--n_layer=1 --block_size=32 --batch_size=4 --total_batch_size=128 --max_iters=10 "
                         "--warmup_iters=2 --decay_iters=2 --eval_iters=2",
              coord_widths=[64, 128], coord_steps=2, coord_seeds=[0], coord_out="out/mup_coord_quick.json",
@@ -61,47 +92,223 @@ class SweepError(UserError):
     """A sweep or coordinate check that cannot run or be read as asked; one line that says what to do."""
 
 # -----------------------------------------------------------------------------
+# train.py runs: one at a time in this process, or N at once, each in its own (--jobs; ablation.py's too)
+
+Job = namedtuple("Job", "key argv out_dir after")  # after: the key of the job that must finish first, or None
+
+
+class JobError(UserError):
+    """A train.py run that failed (its own line) or was stopped by a signal."""
+
+
+def train_result(argv, log=None):
+    """train.main(argv) in this process, what it prints appended to the file log (or dropped): {"val_loss": its
+    final val loss}, or {"diverged": True} when its loss went non-finite (checkpoint.Diverged: a data point, not a
+    crash). Any other error passes on as train.py's one line (a cli.ErrorExit)."""
+    import train  # here, so the coordinate check (and its test) needs only model.py
+    from checkpoint import Diverged
+    with open(log or os.devnull, "a") as f, contextlib.redirect_stdout(f):
+        try:
+            return {"val_loss": train.main(argv)["val_loss"]}
+        except ErrorExit as e:
+            if not isinstance(e.error, Diverged):
+                raise
+            return {"diverged": True}
+
+
+def train_entry(result, log, argv):
+    """A job's process (start_job): train_result on one thread, written to the file result for the parent. An
+    error ends the process as train.py's would: its line on stderr, exit status 1 (or 128 + a signal's number)."""
+    torch.set_num_threads(1)
+    write_json(result, train_result(argv, log))
+
+
+def job_argv(job):
+    return [*job.argv, f"--out_dir={job.out_dir}"]
+
+
+def start_job(job):
+    """train_entry(job) in a new python process, in this directory, on one thread: (process, its scratch dir)."""
+    scratch = tempfile.mkdtemp(prefix="train-job-")
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import mup_sweep; mup_sweep.train_entry(*sys.argv[1:3], " \
+           "sys.argv[3:])"
+    with open(os.path.join(scratch, "stderr"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, os.path.join(scratch, "result.json"),
+                                 os.path.join(job.out_dir, "train.out"), *job_argv(job)],
+                                env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    return proc, scratch
+
+
+def job_result(job, proc, scratch):
+    """What a finished job's process left: train_result's dict, or a JobError with the run's own line."""
+    try:
+        if proc.returncode == 0:
+            with open(os.path.join(scratch, "result.json")) as f:
+                return json.load(f)
+        if proc.returncode > 128 or proc.returncode < 0:
+            raise stopped(job)
+        with open(os.path.join(scratch, "stderr")) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        raise JobError(f"a run failed ({lines[-1] if lines else f'exit status {proc.returncode}'}): python train.py "
+                       + " ".join(map(shlex.quote, job_argv(job))))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def stopped(job):
+    return JobError(f"a train.py run was stopped by a signal ({job.out_dir}); the same command continues: finished "
+                    "runs are kept, unfinished ones run again")
+
+
+def run_jobs(jobs, n, done):
+    """Run every job's train.py into its out_dir (what it prints: out_dir/train.out), n at a time, calling
+    done(job, result) here as each one finishes (result: train_result's dict and the run's seconds). n == 1: one
+    after another in this process, in the order given (a job after the one it waits for); n > 1: n python
+    processes at once, each on one thread, a job starting once the one it waits for is done. Either way the same
+    runs, so the same numbers (tests/test_mup_sweep.py). A run that fails stops the others and ends all with its
+    line."""
+    if n == 1:
+        for job in jobs:
+            t0 = time.time()
+            try:
+                result = train_result(job_argv(job), os.path.join(job.out_dir, "train.out"))
+            except SystemExit as e:
+                if isinstance(e.code, int) and e.code > 128:  # train.py stopped at a signal, its checkpoint saved
+                    raise stopped(job) from None
+                raise
+            done(job, dict(result, seconds=round(time.time() - t0, 1)))
+        return
+    waiting, running, finished, keys = list(jobs), [], set(), {j.key for j in jobs}
+    try:
+        while waiting or running:
+            for job in [j for j in waiting if j.after not in keys or j.after in finished][:n - len(running)]:
+                waiting.remove(job)
+                running.append((job, *start_job(job), time.time()))
+            time.sleep(0.05)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                job, proc, scratch, t0 = item
+                result = job_result(job, proc, scratch)
+                finished.add(job.key)
+                done(job, dict(result, seconds=round(time.time() - t0, 1)))
+    finally:  # a failed run or a Ctrl-C: the runs still going stop too (train.py on SIGTERM: after this step)
+        for job, proc, scratch, _ in running:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def claim_run_dir(out_dir, record, owner, what, error=JobError):
+    """Make out_dir ready for a run of this script's: refused if it holds files the script did not make (the
+    run's train.py --overwrite would replace someone's run); its record of a finished run (mark_finished's)
+    removed: not finished until it says so again."""
+    held = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if held and not {record, "train.out"} & set(held):
+        raise error(f"{out_dir} holds files {owner} did not make; move it away or choose another {what}")
+    make_dir(out_dir, what)
+    with contextlib.suppress(FileNotFoundError, TypeError):  # (TypeError: no record)
+        os.remove(os.path.join(out_dir, record))
+
+
+def mark_finished(out_dir, record, argv, val_loss):
+    """Record in out_dir that the run of these flags finished: it trained and ran its final evaluation."""
+    write_json(os.path.join(out_dir, record), {"argv": argv, "val_loss": val_loss})
+
+
+def is_finished(out_dir, record, argv):
+    """Whether out_dir holds a finished run of exactly these flags (mark_finished's record names them). The
+    dashboard flags (--logger, --logger_dir, --run_name) change no number, so they may differ."""
+    numbers = lambda flags: [a for a in flags if not a.startswith(("--logger", "--run_name"))]
+    try:
+        with open(os.path.join(out_dir, record)) as f:
+            done = json.load(f)
+        return numbers(done["argv"]) == numbers(argv) and done["val_loss"] is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+# -----------------------------------------------------------------------------
 # the sweep
 
 
-def run(width, lr, mup, seed, train_args, head_dim):
-    """Final validation loss of one train.py run, or NaN when its loss went non-finite (a diverged run)."""
-    import train  # here, so the coordinate check (and its test) needs only model.py
-    from checkpoint import Diverged
+def width_flags(width, head_dim, kv_group=1):
+    """train.py's flags for a model of this width: n_head = width / head_dim (kv_group query heads per kv head),
+    the MLP 2.5x as wide as in both presets."""
     heads = max(1, width // head_dim)
-    argv = shlex.split(train_args) + [
-        f"--n_embd={width}", f"--n_head={heads}", f"--n_kv_head={heads}", f"--mlp_hidden={int(2.5 * width)}",
-        f"--lr={lr}", f"--mup={int(mup)}", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
+    return [f"--n_embd={width}", f"--n_head={heads}", f"--n_kv_head={max(1, heads // kv_group)}",
+            f"--mlp_hidden={int(2.5 * width)}"]
+
+
+def run_argv(args, panel, width, lr, seed):
+    """One run of the sweep: its train.py flags (--out_dir comes with its Job)."""
+    argv = shlex.split(args.train_args) + width_flags(width, args.head_dim) + [
+        f"--lr={lr}", f"--mup={int(panel != 'SP')}", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
         "--sample_len=0"]
-    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        try:
-            return float(train.main(argv + [f"--out_dir={out}", "--keep_ckpts=1"])["val_loss"])
-        except ErrorExit as e:  # a diverged run is a data point, not a crash
-            if not isinstance(e.error, Diverged):
-                raise
-            return float("nan")
+    if args.kind == "muon_sweep":
+        argv += [f"--muon_scale={panel}"] + (["--optimizer=muon"] if args.muon_phase == "all" else [
+            f"--resume={stable_ckpt(args, width, seed)}", "--muon_at_decay"])
+    return argv + [f"--run_name={run_name(panel, width, lr, seed)}", "--keep_ckpts=1", "--overwrite"]
 
 
-def summarize(runs):
-    """Per (parameterization, width, lr): mean, std, min and max over seeds; per (parameterization, width): the
-    best LR, the argmin of the mean. A cell where any seed diverged has mean NaN and is never the best."""
+def run_name(panel, width, lr, seed):
+    """A run's name: its directory under --runs_dir, and its name in a dashboard (train.py --run_name)."""
+    return f"{panel}-w{width}-lr{lr:g}-s{seed}"
+
+
+def stable_argv(args, width, seed):
+    """--muon_phase=decay: the AdamW warmup and stable phase every rule's and LR's decay at (width, seed) starts
+    from; it stops at the decay's start, whose checkpoint it keeps."""
+    return shlex.split(args.train_args) + width_flags(width, args.head_dim) + [
+        f"--lr={args.stable_lr}", "--mup=1", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
+        "--sample_len=0", f"--stop_after={args.decay_at}", "--keep_ckpts=1", "--overwrite",
+        f"--run_name=stable-w{width}-s{seed}"]
+
+
+def stable_dir(args, width, seed):
+    return os.path.join(args.runs_dir, f"stable-w{width}-s{seed}")
+
+
+def stable_ckpt(args, width, seed):
+    return os.path.join(stable_dir(args, width, seed), f"ckpt_{args.decay_at:07d}.pt")
+
+
+STABLE_DONE = "stable_run.json"  # in a stable phase's out_dir once it finished: its flags (is_finished)
+
+
+def summarize(runs, by="parameterization"):
+    """Per (panel, width, lr), the panel the runs' `by` field (parameterization or rule): mean, std, min and max
+    over seeds; per (panel, width): the best LR, the argmin of the mean. A cell where any seed diverged has mean
+    NaN and is never the best."""
+    order = PANELS["sweep" if by == "parameterization" else "muon_sweep"][1]
     vals = {}
     for r in runs:
-        vals.setdefault((r["parameterization"], r["width"], r["lr"]), []).append(r["val_loss"])
+        vals.setdefault((r[by], r["width"], r["lr"]), []).append(r["val_loss"])
     cells = []
-    for (name, width, lr), v in sorted(vals.items(), key=lambda kv: (PARAMS.index(kv[0][0]), *kv[0][1:])):
+    for (name, width, lr), v in sorted(vals.items(), key=lambda kv: (order.index(kv[0][0]), *kv[0][1:])):
         v = np.asarray(v, dtype=float)
         ok = bool(np.isfinite(v).all())
-        cells.append(dict(parameterization=name, width=width, lr=lr, n=len(v), diverged=int((~np.isfinite(v)).sum()),
-                          mean=float(v.mean()) if ok else math.nan,
-                          std=float(v.std(ddof=1)) if ok and len(v) > 1 else math.nan,
-                          min=float(v.min()) if ok else math.nan, max=float(v.max()) if ok else math.nan))
+        cells.append({by: name, "width": width, "lr": lr, "n": len(v), "diverged": int((~np.isfinite(v)).sum()),
+                      "mean": float(v.mean()) if ok else math.nan,
+                      "std": float(v.std(ddof=1)) if ok and len(v) > 1 else math.nan,
+                      "min": float(v.min()) if ok else math.nan, "max": float(v.max()) if ok else math.nan})
     best = {}
     for c in cells:
-        key = (c["parameterization"], c["width"])
+        key = (c[by], c["width"])
         if math.isfinite(c["mean"]) and (key not in best or c["mean"] < best[key]["mean"]):
             best[key] = c
     return cells, {key: c["lr"] for key, c in best.items()}
+
+
+def at_the_edge(cells, best, by="parameterization"):
+    """The (panel, width, best LR) whose best LR is the smallest or largest LR run there: the optimum may lie
+    outside the grid, so that width's best LR is not measured."""
+    edge = []
+    for (name, width), lr in best.items():
+        grid = [c["lr"] for c in cells if (c[by], c["width"]) == (name, width)]
+        if len(grid) > 1 and lr in (min(grid), max(grid)):
+            edge.append((name, width, lr))
+    return edge
 
 
 def spread(c):
@@ -132,10 +339,11 @@ def spread_note(cells):
     return "; ".join(parts)
 
 
-def table(cells, best, name):
-    """One parameterization's results as a markdown table: mean over seeds (+- spread), best LR in bold."""
-    mine = [c for c in cells if c["parameterization"] == name]
-    lrs, widths = sorted({c["lr"] for c in cells}), sorted({c["width"] for c in cells})  # the whole grid
+def table(cells, best, name, by="parameterization"):
+    """One panel's results (a parameterization's or a Muon rule's) as a markdown table: mean over seeds (+-
+    spread), best LR in bold."""
+    mine = [c for c in cells if c[by] == name]
+    lrs, widths = sorted({c["lr"] for c in mine}), sorted({c["width"] for c in cells})  # the panel's whole grid
     at = {(c["width"], c["lr"]): c for c in mine}
     lines = [f"| {name}, width | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
     for w in widths:
@@ -156,11 +364,10 @@ def table(cells, best, name):
 
 def run_info():
     """Where and when: recorded in every JSON so a figure can be traced to its run."""
-    root = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
@@ -171,7 +378,8 @@ def run_info():
                 torch_threads=torch.get_num_threads(), torch=torch.__version__)
 
 
-NEEDS = {"sweep": ("runs", "cells", "widths", "lrs", "best_lr"), "coord": ("widths", "steps", "lr", "muP", "SP")}
+NEEDS = {"sweep": ("runs", "cells", "widths", "lrs", "best_lr"), "coord": ("widths", "steps", "lr", "muP", "SP"),
+         "muon_sweep": ("runs", "cells", "widths", "lrs", "best_lr", "muon_phase")}
 
 
 def read_json(path, what, kind=None):
@@ -183,8 +391,9 @@ def read_json(path, what, kind=None):
         raise SweepError(f"cannot read {what}={path}: {e}") from None
     found = data.get("kind") if isinstance(data, dict) else None
     if found not in NEEDS or (kind and found != kind) or any(k not in data for k in NEEDS[found]):
-        raise SweepError(f"{what}={path} is not a {kind or 'sweep or coordinate check'} JSON that mup_sweep.py "
-                         f"wrote")
+        name = {"sweep": "sweep", "muon_sweep": "Muon sweep", "coord": "coordinate check"}.get(kind, "sweep or "
+                                                                                                  "coordinate check")
+        raise SweepError(f"{what}={path} is not a {name} JSON that mup_sweep.py wrote")
     return data
 
 
@@ -207,53 +416,108 @@ def refuse_to_replace(path, what):
 
 
 def sweep(args):
-    """Run the grid (seeds x parameterizations x widths x LRs), writing the JSON after every run. With --resume
-    the runs already in --out are kept (also those outside this grid: a second seed can be added to some widths
-    only) and only the missing ones run."""
-    runs, history = [], []
+    """Run the grid (seeds x panels x widths x LRs; the panels: muP and SP, or --muon_scales' rules), --jobs runs
+    at once, writing the JSON after every run. With --resume the runs already in --out are kept (also those
+    outside this grid: a second seed can be added to some widths only) and only the missing ones run."""
+    by, _ = PANELS[args.kind]
+    same = dict(train_args=args.train_args, head_dim=args.head_dim)
+    if args.kind == "muon_sweep":
+        same.update(muon_phase=args.muon_phase, stable_lr=args.stable_lr if args.muon_phase == "decay" else None)
+    runs, stable, history = [], [], []
     if args.resume and os.path.exists(args.out):
-        old = read_json(args.out, "--resume: --out", "sweep")
-        if old.get("train_args") != args.train_args or old.get("head_dim") != args.head_dim:
-            raise SweepError(f"{args.out} holds a sweep with other --train_args/--head_dim; drop --resume or choose "
-                             "another --out")
-        runs, history = old["runs"], old.get("history", []) + [old["info"]]
-    have = {(r["parameterization"], r["width"], r["lr"], r["seed"]) for r in runs}
+        old = read_json(args.out, "--resume: --out", args.kind)
+        if any(old.get(k) != v for k, v in same.items()):
+            raise SweepError(f"{args.out} holds a sweep with other --train_args/--head_dim"
+                             + ("/--muon_phase/--stable_lr" if args.kind == "muon_sweep" else "")
+                             + "; drop --resume or choose another --out")
+        runs, stable, history = old["runs"], old.get("stable_runs", []), old.get("history", []) + [old["info"]]
+    have = {(r[by], r["width"], r["lr"], r["seed"]) for r in runs}
     # seeds outermost, so a sweep cut short has every width at its first seed(s)
-    todo = [(s, name, w, lr) for s in args.seeds for name in PARAMS for w in args.widths for lr in args.lrs
-            if (name, w, lr, s) not in have]
+    todo = [(s, name, w, lr) for s in args.seeds for name in args.panels for w in args.widths
+            for lr in args.lrs_of[name] if (name, w, lr, s) not in have]
     info, t_start = run_info(), time.time()
 
     def save(complete):
-        cells, best = summarize(runs)
-        data = dict(kind="sweep", train_args=args.train_args, head_dim=args.head_dim,
-                    widths=sorted({r["width"] for r in runs}), lrs=sorted({r["lr"] for r in runs}),
-                    seeds=sorted({r["seed"] for r in runs}), runs=runs, cells=cells,
-                    best_lr=[dict(parameterization=n, width=w, lr=lr) for (n, w), lr in best.items()],
-                    info=dict(info, wall_seconds=round(time.time() - t_start, 1), complete=complete),
+        cells, best = summarize(runs, by)
+        data = dict(kind=args.kind, **same, widths=sorted({r["width"] for r in runs}),
+                    lrs=sorted({r["lr"] for r in runs}), seeds=sorted({r["seed"] for r in runs}), runs=runs,
+                    cells=cells, best_lr=[{by: n, "width": w, "lr": lr} for (n, w), lr in best.items()],
+                    info=dict(info, jobs=args.jobs, wall_seconds=round(time.time() - t_start, 1), complete=complete),
                     history=history)  # the earlier invocations' info, for a resumed sweep
+        if args.kind == "muon_sweep" and args.muon_phase == "decay":
+            data.update(decay_start=args.decay_at, stable_runs=stable)
         write_json(args.out, data, indent=1)
         return data
 
-    for i, (seed, name, width, lr) in enumerate(todo):
-        t0 = time.time()
-        val = run(width, lr, name == "muP", seed, args.train_args, args.head_dim)
-        runs.append(dict(parameterization=name, width=width, lr=lr, seed=seed, val_loss=val,
-                         seconds=round(time.time() - t0, 1)))
-        print(f"[{i + 1}/{len(todo)}] {name:>3} width {width:>4} lr {lr:<8g} seed {seed}: val loss {val:.4f} "
-              f"({runs[-1]['seconds']:.0f} s)", flush=True)
-        save(complete=False)  # after every run: a kill loses at most the run in flight
+    jobs = stable_jobs(args, todo, stable) if args.kind == "muon_sweep" and args.muon_phase == "decay" else []
+    for seed, name, width, lr in todo:
+        out = os.path.join(args.runs_dir, run_name(name, width, lr, seed))
+        claim_run_dir(out, None, "mup_sweep.py", "--runs_dir", SweepError)
+        jobs.append(Job((name, width, lr, seed), run_argv(args, name, width, lr, seed), out, ("stable", width, seed)))
+    count = [0]
+
+    def done(job, result):
+        if job.key[0] == "stable":
+            return stable_done(args, job, result, stable)
+        name, width, lr, seed = job.key
+        val = math.nan if result.get("diverged") else float(result["val_loss"])
+        runs.append({by: name, **({"parameterization": "muP"} if by == "rule" else {}), "width": width, "lr": lr,
+                     "seed": seed, "val_loss": val, "seconds": result["seconds"]})
+        count[0] += 1
+        print(f"[{count[0]}/{len(todo)}] {name:>3} width {width:>4} lr {lr:<8g} seed {seed}: val loss {val:.4f} "
+              f"({result['seconds']:.0f} s)", flush=True)
+        save(complete=False)  # after every run: a kill loses at most the runs in flight
+        if not args.keep_runs:  # (its checkpoints: tens of MB at width 512)
+            shutil.rmtree(job.out_dir, ignore_errors=True)
+
+    run_jobs(jobs, args.jobs, done)
+    with contextlib.suppress(OSError):
+        os.rmdir(args.runs_dir)  # (when empty: no stable phases kept, no --keep_runs)
     return save(complete=True)
 
 
+def stable_jobs(args, todo, stable):
+    """--muon_phase=decay: the stable phase of each (width, seed) the runs to do start from, unless one of
+    exactly these flags is there already (a resumed sweep)."""
+    jobs = []
+    for width, seed in dict.fromkeys((w, s) for s, _, w, _ in todo):
+        argv, out = stable_argv(args, width, seed), stable_dir(args, width, seed)
+        if not (is_finished(out, STABLE_DONE, argv) and os.path.exists(stable_ckpt(args, width, seed))):
+            claim_run_dir(out, STABLE_DONE, "mup_sweep.py", "--runs_dir", SweepError)
+            jobs.append(Job(("stable", width, seed), argv, out, None))
+    return jobs
+
+
+def stable_done(args, job, result, stable):
+    _, width, seed = job.key
+    if result.get("diverged") or result["val_loss"] is None:
+        raise SweepError(f"the AdamW stable phase at width {width}, seed {seed} "
+                         + ("diverged" if result.get("diverged") else "trained nothing")
+                         + f" (--stable_lr={args.stable_lr}); lower --stable_lr")
+    mark_finished(job.out_dir, STABLE_DONE, job.argv, result["val_loss"])
+    stable[:] = [r for r in stable if (r["width"], r["seed"]) != (width, seed)]
+    stable.append(dict(width=width, seed=seed, val_loss=result["val_loss"], seconds=result["seconds"]))
+    print(f"stable phase, width {width:>4} seed {seed}: val loss {result['val_loss']:.4f} at step {args.decay_at} "
+          f"({result['seconds']:.0f} s)", flush=True)
+
+
 def report(data):
+    by, _ = PANELS[data["kind"]]
     cells = data["cells"]
-    best = {(b["parameterization"], b["width"]): b["lr"] for b in data["best_lr"]}
-    for name in PARAMS:
+    best = {(b[by], b["width"]): b["lr"] for b in data["best_lr"]}
+    for name in dict.fromkeys(c[by] for c in cells):
         print(f"\n{name}: final val loss, mean over {seed_note(data['runs'])}; best LR of each width in bold")
-        print(table(cells, best, name))
+        print(table(cells, best, name, by))
+        moves = sorted((w, lr) for (n, w), lr in best.items() if n == name)
+        if len(moves) > 1:
+            print("best LR by width: " + ", ".join(f"{lr:g} at {w}" for w, lr in moves)
+                  + f"; x{moves[-1][1] / moves[0][1]:g} from width {moves[0][0]} to {moves[-1][0]}")
     print(f"({spread_note(cells)})")
-
-
+    edge = at_the_edge(cells, best, by)
+    for name in dict.fromkeys(n for n, _, _ in edge):
+        print(f"warning: {name}: the best LR is at the edge of the grid at width "
+              + ", ".join(f"{w} ({lr:g})" for n, w, lr in edge if n == name)
+              + ", so the optimum may lie outside it; run more --lrs past it (--resume keeps the runs done)")
 # -----------------------------------------------------------------------------
 # the coordinate check
 
@@ -349,21 +613,32 @@ def width_colors(plt, n):
     return [plt.get_cmap("viridis_r")(0.2 + 0.8 * i / max(1, n - 1)) for i in range(n)]
 
 
+PANEL_TITLES = {
+    "muP": "muP (train.py --mup=1)", "SP": "SP (standard: train.py --mup=0)",
+    "moonlight": "moonlight (the recipe's): 0.2 sqrt(max(rows, cols)),\nhidden LR eta/m",
+    "moonlight_sqrt_m": "moonlight_sqrt_m (the release's sweeps):\n0.2 sqrt(max(rows, cols)), hidden LR eta/sqrt(m)",
+    "unit_rms_norm": "unit_rms_norm (Megatron-LM): sqrt(rows/cols),\nhidden LR eta",
+    "spectral": "spectral (Keller Jordan): sqrt(max(1, rows/cols)),\nhidden LR eta/m"}
+
+
 def plot_sweep(data, path):
+    """One panel per parameterization (muP, SP) or Muon rule: final val loss against log2 eta, one curve per width,
+    a star at each width's best LR."""
     plt = pyplot()
     if plt is None:
         return None
+    by, order = PANELS[data["kind"]]
     cells = data["cells"]
-    best = {(b["parameterization"], b["width"]): b["lr"] for b in data["best_lr"]}
+    best = {(b[by], b["width"]): b["lr"] for b in data["best_lr"]}
     widths = sorted({c["width"] for c in cells})
-    lrs = sorted({c["lr"] for c in cells})
     colors = dict(zip(widths, width_colors(plt, len(widths))))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), sharey=True)
-    for ax, name in zip(axes, PARAMS):
+    panels = [p for p in order if any(c[by] == p for c in cells)] if by == "rule" else list(PARAMS)
+    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows + 1.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, panels):
         moves = []
         for w in widths:
-            mine = sorted((c for c in cells if c["parameterization"] == name and c["width"] == w),
-                          key=lambda c: c["lr"])
+            mine = sorted((c for c in cells if c[by] == name and c["width"] == w), key=lambda c: c["lr"])
             if not mine:  # a sweep cut short
                 continue
             ok = [c for c in mine if math.isfinite(c["mean"])]
@@ -382,34 +657,44 @@ def plot_sweep(data, path):
                 b = next(c for c in ok if c["lr"] == best[(name, w)])
                 ax.plot(math.log2(b["lr"]), b["mean"], "*", color=colors[w], ms=20, mec="black", mew=1, zorder=5)
                 moves.append((w, best[(name, w)]))
-        ax.set_title(f"{name} ({'train.py --mup=1' if name == 'muP' else 'standard: train.py --mup=0'})\n"
-                     f"best LR at width {', '.join(str(w) for w, _ in moves)}: "
-                     + ", ".join(f"{lr:g}" for _, lr in moves), fontsize=11)
+        ax.set_title(f"{PANEL_TITLES[name]}\nbest LR at width {', '.join(str(w) for w, _ in moves)}: "
+                     + ", ".join(f"{lr:g}" for _, lr in moves), fontsize=10.5)
+        lrs = sorted({c["lr"] for c in cells if c[by] == name})
         ax.set_xticks(np.log2(lrs))
-        ax.set_xticklabels([f"{math.log2(lr):.1f}\n({lr:g})" for lr in lrs])
-        ax.set_xlabel("log2 learning rate  (eta: embedding LR; hidden LR = eta/m under muP)")
+        ax.set_xticklabels([f"{math.log2(lr):.1f}\n({lr:g})" for lr in lrs], fontsize=8 if len(lrs) > 7 else 10)
+        ax.set_xlabel("log2 learning rate  (eta: embedding LR; hidden LR = eta/m under muP)" if by != "rule" else
+                      "log2 eta (train.py --lr: the embedding's AdamW LR; Muon's step: the rule's)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation loss (mean over seeds)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    for row in axes:
+        row[0].set_ylabel("final validation loss (mean over seeds)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], ls="", marker="*", ms=14, color="grey", mec="black"))
     labels.append("best LR of that width")
     if any(not math.isfinite(c["mean"]) for c in cells):
         handles.append(plt.Line2D([], [], ls="", marker="x", ms=8, mew=2, color="grey"))
         labels.append("diverged (loss went NaN)")
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, bbox_to_anchor=(0.5, 0.085),
+    inch = 1 / fig.get_figheight()  # the legend and the note below the panels keep their place in inches
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, bbox_to_anchor=(0.5, 0.49 * inch),
                frameon=False)
     seeds = seed_note(data["runs"])
     bars = {2: "error bars: min to max over the 2 seeds", 3: "error bars: +-1 std over the seeds (ddof=1)"}
     ns = {c["n"] for c in cells}
     bars = "no error bars (one seed)" if ns == {1} else bars[2] if max(ns) == 2 else bars[3]
-    fig.suptitle("Learning-rate transfer across width: muP vs standard parameterization", fontsize=13)
+    if by == "rule":
+        phase = ("Muon from step 0 (train.py --optimizer=muon)" if data["muon_phase"] == "all" else
+                 f"AdamW at eta {data['stable_lr']:g} to the decay's start (step {data.get('decay_start')}), then the "
+                 "decay with Muon at eta (train.py --muon_at_decay)")
+        fig.suptitle(f"Muon's learning-rate transfer across width, per width rule of its update (muP)\n{phase}",
+                     fontsize=13)
+    else:
+        fig.suptitle("Learning-rate transfer across width: muP vs standard parameterization", fontsize=13)
     info = data.get("info", {})
     fig.text(0.5, 0.01, f"Final validation loss, mean over seeds ({bars}); {seeds}.\n"
              f"Each run: train.py {data['train_args']}\n(embedded byte corpus unless --data_dir says otherwise); "
              f"head dim {data['head_dim']}, base width 256 (m = width / 256). {info.get('date', '')[:10]}, commit "
              f"{info.get('commit')}, {info.get('machine', '')}, torch {info.get('torch', '')}.",
              ha="center", va="bottom", fontsize=8.5)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.81 * inch, 1, 1))
     save_png(fig, path, dpi=110)
     plt.close(fig)
     return path
@@ -510,50 +795,62 @@ def plot_coord(data, path):
 
 # -----------------------------------------------------------------------------
 
-
-def number_list(kind, positive=True):
-    def parse(s):
-        try:
-            v = [kind(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}")
-        if not v or any(not math.isfinite(x) or (x <= 0 if positive else x < 0) for x in v):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {'positive' if positive else '>= 0'} "
-                                             f"{kind.__name__}s, got {s!r}")
-        twice = [x for i, x in enumerate(v) if x in v[:i]]
-        if twice:  # one run reported as two (seeds), a grid point run twice
-            raise argparse.ArgumentTypeError(f"{twice[0]:g} is given twice in {s!r}; name each once")
-        return v
-    return parse
+positive = lambda kind, what: comma_list(kind, Range(0, lo_open=True), what)
+SEEDS = comma_list(int, Range(0), "integers >= 0")
 
 
 def parse_args(argv=None):
     p = Parser(prog="mup_sweep.py", description=__doc__.split("\n")[1])
     g = p.add_argument_group("the learning-rate sweep")
-    flag(g, "widths", type=number_list(int), default=[64, 128, 256, 512], help="n_embd values, comma-separated")
-    flag(g, "lrs", type=number_list(float), default=[0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02],
-         help="peak eta values (train.py --lr), comma-separated")
-    flag(g, "seeds", type=number_list(int, positive=False), default=[1], help="train.py --seed values: 1,2 gives "
-         "error bars (the seed sets the init; the data order is the same)")
+    flag(g, "optimizer", default="adamw", choices=["adamw", "muon"], help="adamw: muP against SP (the figure of "
+         "microsoft/mup); muon: Muon under muP, one panel per --muon_scales rule")
+    flag(g, "widths", type=positive(int, "positive integers"), default=[64, 128, 256, 512],
+         help="n_embd values, comma-separated")
+    flag(g, "lrs", type=positive(float, "positive numbers"), default=None,
+         help="peak eta values (train.py --lr), comma-separated; default: " + ",".join(f"{x:g}" for x in ADAMW_LRS)
+              + " (adamw); per rule (muon): " + "; ".join(f"{r} {min(v):g}..{max(v):g} ({len(v)}, x2 apart)"
+                                                         for r, v in MUON_LRS.items()))
+    flag(g, "seeds", type=SEEDS, default=[1], help="train.py --seed values: 1,2 gives error bars (the seed sets the "
+         "init; the data order is the same)")
     flag(g, "head_dim", type=int, default=32, range=Range(2), help="n_head = width / head_dim")
-    flag(g, "train_args", default=DEFAULT_TRAIN_ARGS, help="passed to every train.py run")
-    flag(g, "threads", type=int, default=0, range=Range(0), help="torch threads; 0 = torch's default. 1 is "
-         "fastest for these small models on a busy CPU")
-    flag(g, "out", default="figures/mup_sweep.json", help="the JSON; the figure goes next to it as .png")
+    flag(g, "train_args", default=DEFAULT_TRAIN_ARGS, help="passed to every train.py run (e.g. --logger=wandb: "
+         "each run is named <rule or muP/SP>-w<width>-lr<lr>-s<seed>)")
+    flag(g, "jobs", type=int, default=1, range=Range(1), help="train.py runs at once, each its own process on one "
+         "thread (2 on a 2-core machine); the same numbers as --jobs=1 --threads=1, which runs them here, one at a "
+         "time")
+    flag(g, "threads", type=int, default=0, range=Range(0), help="torch threads with --jobs=1; 0 = torch's "
+         "default. 1 is fastest for these small models on a busy CPU")
+    flag(g, "out", default=None, help="the JSON; the figure goes next to it as .png (default: figures/mup_sweep.json;"
+         " figures/mup_muon_<phase>.json with --optimizer=muon)")
     flag(g, "resume", type=str2bool, nargs="?", const=True, default=False,
          help="reuse the runs already in --out (same --train_args) and run only the missing ones")
+    flag(g, "runs_dir", default=None, help="the runs' out_dirs (default: runs/<--out's name>; --quick: beside --out):"
+         " each is removed once "
+         "read, unless --keep_runs; --muon_phase=decay's stable phases stay, for --resume")
+    flag(g, "keep_runs", type=str2bool, nargs="?", const=True, default=False,
+         help="keep every run's out_dir (log, config, checkpoints: tens of MB at width 512)")
+    g = p.add_argument_group("the Muon sweep (--optimizer=muon)")
+    flag(g, "muon_scales", type=comma_list(str, lambda r: r in RULES, "rules of " + ", ".join(RULES)), default=None,
+         help="Muon's width rules (train.py --muon_scale), one panel each; default all: " + "; ".join(
+             f"{name}: {rule.help}" for name, rule in muon.MUON_SCALES.items()))
+    flag(g, "muon_phase", default="all", choices=["all", "decay"], help="all: Muon from step 0 (--optimizer=muon, "
+         "the standard transfer test); decay: per width and seed one AdamW stable phase at --stable_lr, then each "
+         "eta's decay with Muon (--muon_at_decay), as the recipe uses it")
+    flag(g, "stable_lr", type=float, default=STABLE_LR, range=Range(0, lo_open=True),
+         help="--muon_phase=decay: the AdamW warmup and stable phase's eta (default: the AdamW sweep's best, "
+              "figures/mup_sweep.json)")
     g = p.add_argument_group("the coordinate check")
     flag(g, "coord", type=str2bool, nargs="?", const=True, default=False, help="draw it instead of the sweep")
-    flag(g, "coord_widths", type=number_list(int), default=[64, 128, 256, 512, 1024, 2048],
+    flag(g, "coord_widths", type=positive(int, "positive integers"), default=[64, 128, 256, 512, 1024, 2048],
          help="multiples of 32 (head dim 32)")
     flag(g, "coord_steps", type=int, default=5, range=Range(1))
     flag(g, "coord_lr", type=float, default=0.03, range=Range(0, lo_open=True))
-    flag(g, "coord_seeds", type=number_list(int, positive=False), default=[0, 1])
+    flag(g, "coord_seeds", type=SEEDS, default=[0, 1])
     flag(g, "coord_out", default="figures/mup_coord.json", help="the JSON; the figure goes next to it as .png")
-    g = p.add_argument_group("both")
+    g = p.add_argument_group("all")
     flag(g, "quick", type=str2bool, nargs="?", const=True, default=False,
          help="a tiny version for tests (" + ", ".join(f"{k}={v}" for k, v in QUICK.items() if k != "train_args")
-              + ", 10 steps); explicit flags still win")
+              + ", 10 steps; --out under out/); explicit flags still win")
     flag(g, "overwrite", type=str2bool, nargs="?", const=True, default=False,
          help="replace an existing --out (or --coord_out) instead of refusing to")
     flag(g, "plot_only", default=None, metavar="JSON", help="redraw the figure of a sweep's or coordinate check's "
@@ -565,6 +862,16 @@ def parse_args(argv=None):
     split_words(p, args.train_args, "--train_args")  # an unbalanced quote: now, not at the first run
     if any(w % 32 for w in args.coord_widths) and args.coord:
         p.error("--coord_widths must be multiples of 32 (the coordinate check's head dim)")
+    muon_sweep = args.optimizer == "muon"
+    if not muon_sweep and (args.muon_scales or args.muon_phase != "all"):
+        p.error("--muon_scales and --muon_phase are the Muon sweep's: add --optimizer=muon")
+    args.kind = "muon_sweep" if muon_sweep else "sweep"
+    args.panels = (args.muon_scales or list(RULES)) if muon_sweep else list(PARAMS)
+    args.lrs_of = {name: args.lrs or (MUON_LRS[name] if muon_sweep else ADAMW_LRS) for name in args.panels}
+    stem = f"mup_muon_{args.muon_phase}" if muon_sweep else "mup_sweep"
+    args.out = args.out or (f"out/{stem}_quick.json" if args.quick else f"figures/{stem}.json")
+    stem = os.path.splitext(args.out)[0]  # (--quick: the runs beside its JSON, e.g. in a test's directory)
+    args.runs_dir = args.runs_dir or (stem + "_runs" if args.quick else os.path.join("runs", os.path.basename(stem)))
     return args
 
 
@@ -577,10 +884,10 @@ def command(args):
         torch.set_num_threads(args.threads)
     if args.plot_only:
         data = read_json(args.plot_only, "--plot_only")
-        if data.get("kind") == "sweep":
+        if data.get("kind") in PANELS:
             report(data)
         png = check_output(os.path.splitext(args.plot_only)[0] + ".png", "--plot_only", "PNG", is_png, "mup.png")
-        png = (plot_sweep if data.get("kind") == "sweep" else plot_coord)(data, png)
+        png = (plot_sweep if data.get("kind") in PANELS else plot_coord)(data, png)
     elif args.coord:
         if not args.overwrite:
             refuse_to_replace(args.coord_out, "--coord_out")
@@ -591,7 +898,9 @@ def command(args):
     else:
         if not (args.resume or args.overwrite):
             refuse_to_replace(args.out, "--out")
-        png = check_outputs(args.out, "--out", "sweep")
+        png = check_outputs(args.out, "--out", args.kind)
+        if args.kind == "muon_sweep" and args.muon_phase == "decay":
+            args.decay_at = decay_start(args.train_args)
         data = sweep(args)
         report(data)
         png = plot_sweep(data, png)
@@ -599,6 +908,16 @@ def command(args):
     if png:
         print(f"wrote {png}")
     return data
+
+
+def decay_start(train_args):
+    """The step the decay starts at under --train_args (train.py's schedule), where the decay runs branch."""
+    import train
+    step = train.decay_start(train.parse_args(shlex.split(train_args)))
+    if step == 0:
+        raise SweepError("--muon_phase=decay: with --train_args the decay starts at step 0, so there is no stable "
+                         "phase; give a --max_iters above --decay_iters")
+    return step
 
 
 if __name__ == "__main__":

@@ -168,15 +168,103 @@ def test_a_second_ablation_into_one_out_and_outputs_it_did_not_make_are_refused(
     assert sorted(os.listdir(out)) == [".lock", "results.json"]  # nothing trained
 
 
-def test_a_run_that_trained_nothing_is_never_marked_finished(tmp_path, monkeypatch):
+def test_a_run_that_trained_nothing_or_diverged_is_never_marked_finished(tmp_path, monkeypatch):
+    from mup_sweep import Job
+    import checkpoint
+    import cli
     monkeypatch.setattr(ablation.train, "main", lambda argv: {"val_loss": None})  # e.g. resumed past its end
     arm = str(tmp_path / "arm")
     with pytest.raises(ablation.AblationError, match="trained nothing in .*arm; it is not marked finished"):
-        ablation.train_run(["--max_iters=4"], arm)
+        ablation.train_runs([Job("arm", ["--max_iters=4"], arm, None)], 1)
     assert not ablation.finished(arm, ["--max_iters=4"]) and not os.path.exists(os.path.join(arm, ablation.DONE))
+
+    def diverge(argv):
+        raise cli.fail("train.py", checkpoint.Diverged("loss nan at step 3"))
+    monkeypatch.setattr(ablation.train, "main", diverge)
+    with pytest.raises(ablation.AblationError, match="diverged .* in .*arm"):
+        ablation.train_runs([Job("arm", ["--max_iters=4"], arm, None)], 1)
+    assert not os.path.exists(os.path.join(arm, ablation.DONE))
     theirs = tmp_path / "theirs"  # a train.py run ablation.py did not make: its --overwrite would replace it
     theirs.mkdir()
     (theirs / "ckpt_0000004.pt").write_bytes(b"a checkpoint")
     with pytest.raises(ablation.AblationError, match="holds files ablation.py did not make"):
-        ablation.train_run(["--max_iters=4"], str(theirs))
+        ablation.train_runs([Job("theirs", ["--max_iters=4"], str(theirs), None)], 1)
     assert os.listdir(theirs) == ["ckpt_0000004.pt"]
+
+
+# -----------------------------------------------------------------------------
+# issue 21: the switch across widths, --jobs, the runs named for a dashboard
+
+
+def config(d):
+    return json.load(open(os.path.join(d, "config.json")))
+
+
+@pytest.fixture(scope="module")
+def widths(quick, tmp_path_factory, one_thread):
+    """The quick ablation at widths 32 and 64, one run at a time on one thread (as --jobs' processes run): (out,
+    the data dir)."""
+    out = tmp_path_factory.mktemp("widths")
+    data = config(quick[0] / "seed3" / "adamw")["args"]["data_dir"]
+    ablation.main(["--quick", f"--out={out}", f"--train_args={ablation.QUICK_TRAIN_ARGS} --data_dir={data}",
+                   "--arms=adamw,muon", "--seeds=1,2", "--widths=32,64"])
+    return out, data
+
+
+def test_each_width_runs_its_own_ablation_with_the_arms_not_swapped(widths):
+    out, _ = widths
+    gains = json.load(open(out / "widths.json"))
+    assert gains["widths"] == [32, 64] and gains["control"] == "adamw" and list(gains["gains"]) == ["muon"]
+    for i, w in enumerate((32, 64)):
+        res = json.load(open(out / f"w{w}" / "results.json"))
+        decay_at = res["decay_start"]
+        for seed in (1, 2):
+            base = config(out / f"w{w}" / f"seed{seed}" / "base")
+            assert base["model"]["n_embd"] == w and base["model"]["n_head"] == w // 32  # the quick model's head dim
+            assert base["model"]["mlp_hidden"] == int(2.5 * w) and base["args"]["run_name"] == f"w{w}-s{seed}-stable"
+            for arm in ("adamw", "muon"):
+                c = config(out / f"w{w}" / f"seed{seed}" / arm)
+                assert c["model"]["n_embd"] == w and c["args"]["run_name"] == f"w{w}-s{seed}-{arm}"
+                assert c["args"]["muon_at_decay"] == (arm == "muon")  # the switch in the muon arm only
+                assert c["args"]["resume"] == str(out / f"w{w}" / f"seed{seed}" / "base" / f"ckpt_{decay_at:07d}.pt")
+                steps = [e for e in log(out / f"w{w}" / f"seed{seed}" / arm) if "loss" in e]
+                assert {e["optimizer"] for e in steps} == {arm}
+        # the gain at this width: the width's own paired differences, muon - adamw, seed by seed
+        diffs = [res["results"][str(s)]["muon"]["val_loss"] - res["results"][str(s)]["adamw"]["val_loss"]
+                 for s in (1, 2)]
+        g = gains["gains"]["muon"][i]
+        assert g["width"] == w and g["paired"]["val_loss"]["mean"] == pytest.approx(sum(diffs) / 2)
+        assert g["paired"]["val_loss"] == res["summary"]["muon"]["paired"]["val_loss"]
+    if HAVE_MPL:
+        assert open(out / "gain.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        for w in (32, 64):
+            assert open(out / f"w{w}" / "differences.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jobs_give_the_same_results_as_one_at_a_time(widths, tmp_path, one_thread):
+    out, data = widths
+    again = tmp_path / "jobs"
+    ablation.main(["--quick", f"--out={again}", f"--train_args={ablation.QUICK_TRAIN_ARGS} --data_dir={data}",
+                   "--arms=adamw,muon", "--seeds=1,2", "--widths=32,64", "--jobs=2"])
+    for w in (32, 64):
+        one, two = (json.load(open(d / f"w{w}" / "results.json"))["results"] for d in (out, again))
+        assert one == two  # every metric of every arm and seed, to the bit
+    first, second = (json.load(open(d / "widths.json"))["gains"] for d in (out, again))
+    assert first == second
+
+
+def test_single_width_runs_are_named_and_older_records_still_count(quick):
+    out, _, _ = quick
+    assert config(out / "seed5" / "muon")["args"]["run_name"] == "s5-muon"
+    assert not os.path.exists(out / "widths.json")
+    argv = json.load(open(out / "seed5" / "muon" / ablation.DONE))["argv"]
+    assert ablation.finished(str(out / "seed5" / "muon"), [a for a in argv if not a.startswith("--run_name")])
+    assert ablation.finished(str(out / "seed5" / "muon"), argv[:-1] + ["--run_name=other", "--logger=tensorboard"])
+    assert not ablation.finished(str(out / "seed5" / "muon"), argv + ["--lr=0.5"])
+
+
+def test_widths_must_fit_the_head_dim(tmp_path):
+    r = subprocess.run([sys.executable, "ablation.py", "--quick", f"--out={tmp_path}/w", "--widths=48,64"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--widths: 48 is not a multiple of the head dim, 32" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "w")

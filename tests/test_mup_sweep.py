@@ -105,13 +105,31 @@ def fake_loss(name, width, lr, seed):
         + (0.3 if name == "SP" else 0)
 
 
+def flags_of(argv):
+    return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+
+
+def fake_train(loss, calls=None):
+    """A stand-in for mup_sweep.train_result: loss(name, width, lr, seed) read from the run's own train.py flags
+    (name: its Muon rule, or muP/SP), a NaN loss as a diverged run."""
+    def result(argv, log=None):
+        f = flags_of(argv)
+        muon = f.get("optimizer") == "muon" or "--muon_at_decay" in argv
+        key = (f["muon_scale"] if muon else "muP" if f["mup"] == "1" else "SP", int(f["n_embd"]), float(f["lr"]),
+               int(f["seed"]))
+        if calls is not None:
+            calls.append(key)
+        v = loss(*key)
+        return {"diverged": True} if math.isnan(v) else {"val_loss": v}
+    return result
+
+
 @pytest.mark.parametrize("seeds", ["1,2", "1,2,3"])
 def test_statistics_are_those_of_the_runs(monkeypatch, tmp_path, seeds):
-    monkeypatch.setattr(mup_sweep, "run", lambda width, lr, mup, seed, train_args, head_dim:
-                        fake_loss("muP" if mup else "SP", width, lr, seed))
+    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_loss))
     out = str(tmp_path / "fake.json")
     printed = capture(lambda: mup_sweep.main(["--widths=64,128,256", "--lrs=0.0025,0.005,0.01,0.02,0.04",
-                                              f"--seeds={seeds}", f"--out={out}"]))
+                                              f"--seeds={seeds}", f"--out={out}", f"--runs_dir={tmp_path}/runs"]))
     data = json.load(open(out))
     n = len(seeds.split(","))
     assert len(data["runs"]) == 2 * 3 * 5 * n
@@ -146,7 +164,7 @@ def test_statistics_are_those_of_the_runs(monkeypatch, tmp_path, seeds):
     assert os.path.exists(str(tmp_path / "fake.png")) == HAVE_MPL
 
 
-def test_run_passes_its_width_lr_seed_and_parameterization(monkeypatch):
+def test_each_run_gets_its_width_lr_seed_and_parameterization_and_a_diverged_run_is_a_data_point(monkeypatch):
     seen = []
 
     def fake_main(argv):
@@ -159,14 +177,20 @@ def test_run_passes_its_width_lr_seed_and_parameterization(monkeypatch):
         return {"val_loss": 2.5}
 
     monkeypatch.setattr(train, "main", fake_main)
-    assert mup_sweep.run(128, 0.01, True, 7, "--n_layer=2", 32) == 2.5
+    args = mup_sweep.parse_args(["--train_args=--n_layer=2"])
+    argv = mup_sweep.run_argv(args, "muP", 128, 0.01, 7)
+    assert mup_sweep.train_result(argv) == {"val_loss": 2.5}
     assert {"--n_layer=2", "--n_embd=128", "--n_head=4", "--n_kv_head=4", "--mlp_hidden=320", "--lr=0.01",
-            "--mup=1", "--seed=7"} <= set(seen[-1])
-    mup_sweep.run(64, 0.02, False, 1, "", 32)
-    assert {"--n_embd=64", "--n_head=2", "--lr=0.02", "--mup=0", "--seed=1"} <= set(seen[-1])
-    assert math.isnan(mup_sweep.run(64, 0.5, False, 1, "", 32))  # a diverged run is a NaN data point
+            "--mup=1", "--seed=7", "--run_name=muP-w128-lr0.01-s7"} <= set(seen[-1])
+    assert not any(a.startswith(("--optimizer", "--muon")) for a in seen[-1])  # the AdamW sweep: train.py's AdamW
+    assert {"--n_embd=64", "--n_head=2", "--lr=0.02", "--mup=0", "--seed=1"} <= set(mup_sweep.run_argv(
+        args, "SP", 64, 0.02, 1))
+    assert mup_sweep.train_result(mup_sweep.run_argv(args, "SP", 64, 0.5, 1)) == {"diverged": True}  # a data point
     with pytest.raises(SystemExit, match="something else"):  # any other error still stops the sweep
-        mup_sweep.run(64, 0.25, False, 1, "", 32)
+        mup_sweep.train_result(mup_sweep.run_argv(args, "SP", 64, 0.25, 1))
+    muon = mup_sweep.parse_args(["--optimizer=muon", "--train_args=--n_layer=2"])
+    assert {"--optimizer=muon", "--muon_scale=unit_rms_norm", "--mup=1", "--lr=0.04",
+            "--run_name=unit_rms_norm-w64-lr0.04-s2"} <= set(mup_sweep.run_argv(muon, "unit_rms_norm", 64, 0.04, 2))
 
 
 def test_without_matplotlib_the_numbers_still_come(quick, tmp_path, monkeypatch):
@@ -196,16 +220,13 @@ def test_coord_quick_writes_its_picture(tmp_path):
 def test_resume_adds_a_seed_to_some_widths_and_keeps_the_rest(monkeypatch, tmp_path):
     calls = []
 
-    def fake_run(width, lr, mup, seed, train_args, head_dim):
-        calls.append((width, lr, mup, seed))
-        return fake_loss("muP" if mup else "SP", width, lr, seed)
-
-    monkeypatch.setattr(mup_sweep, "run", fake_run)
-    out = str(tmp_path / "r.json")
-    capture(lambda: mup_sweep.main(["--widths=64,128", "--lrs=0.005,0.01", "--seeds=1", f"--out={out}"]))
+    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_loss, calls))
+    out, runs = str(tmp_path / "r.json"), f"--runs_dir={tmp_path}/runs"
+    capture(lambda: mup_sweep.main(["--widths=64,128", "--lrs=0.005,0.01", "--seeds=1", f"--out={out}", runs]))
     assert len(calls) == 8
-    capture(lambda: mup_sweep.main(["--widths=64", "--lrs=0.005,0.01", "--seeds=1,2", f"--out={out}", "--resume"]))
-    assert calls[8:] == [(64, lr, mup, 2) for mup in (True, False) for lr in (0.005, 0.01)]  # only what was missing
+    capture(lambda: mup_sweep.main(["--widths=64", "--lrs=0.005,0.01", "--seeds=1,2", f"--out={out}", "--resume",
+                                    runs]))
+    assert calls[8:] == [(name, 64, lr, 2) for name in ("muP", "SP") for lr in (0.005, 0.01)]  # only what was missing
     data = json.load(open(out))
     assert len(data["runs"]) == 12 and data["widths"] == [64, 128] and data["seeds"] == [1, 2]
     assert {(c["width"], c["n"]) for c in data["cells"]} == {(64, 2), (128, 1)}
@@ -257,7 +278,7 @@ def test_a_value_given_twice_is_a_parser_error(capsys, flag):
 
 
 def test_overwrite_replaces_a_sweep_never_what_mup_sweep_did_not_write(tmp_path, monkeypatch):
-    monkeypatch.setattr(mup_sweep, "run", lambda *a: pytest.fail("a run started"))
+    monkeypatch.setattr(mup_sweep, "train_result", lambda *a: pytest.fail("a run started"))
     (tmp_path / "ckpt_0000004.pt").write_bytes(b"PK\x03\x04 a checkpoint")
     (tmp_path / "s.png").write_text("not a picture")
     (tmp_path / "s.json.bak").write_text("my notes")
@@ -270,3 +291,179 @@ def test_overwrite_replaces_a_sweep_never_what_mup_sweep_did_not_write(tmp_path,
         with pytest.raises(SystemExit, match=re.escape(says)):
             mup_sweep.main(["--widths=64", "--lrs=0.005", "--overwrite", *argv])
     assert (tmp_path / "ckpt_0000004.pt").read_bytes() == b"PK\x03\x04 a checkpoint"
+
+
+# -----------------------------------------------------------------------------
+# the Muon sweep (issue 21): one panel per width rule, Muon from step 0 or in the decay only; --jobs
+
+
+@pytest.fixture(scope="module")
+def muon_quick(tmp_path_factory):
+    """The real quick Muon sweep (from step 0) of two rules, its runs kept: (JSON data, printed, its runs_dir)."""
+    tmp = tmp_path_factory.mktemp("muon")
+    data_dir = pd.prepare(["embedded"], "byte", str(tmp / "data"), max_tokens=200_000)
+    out, runs = str(tmp / "muon.json"), str(tmp / "runs")
+    printed = capture(lambda: mup_sweep.main(
+        ["--quick", "--optimizer=muon", "--muon_scales=moonlight,unit_rms_norm", f"--out={out}", f"--runs_dir={runs}",
+         "--keep_runs", f"--train_args={mup_sweep.QUICK['train_args']} --data_dir={data_dir}"]))
+    return json.load(open(out)), printed, runs, data_dir
+
+
+def by_key(data):
+    return {(r["rule"], r["width"], r["lr"], r["seed"]): r["val_loss"] for r in data["runs"]}
+
+
+def test_quick_muon_sweep_runs_each_rule_through_train_py(muon_quick):
+    data, printed, runs, _ = muon_quick
+    q = mup_sweep.QUICK
+    rules = ("moonlight", "unit_rms_norm")
+    assert data["kind"] == "muon_sweep" and data["muon_phase"] == "all" and data["info"]["complete"]
+    assert set(by_key(data)) == {(r, w, lr, s) for r in rules for w in q["widths"] for lr in q["lrs"]
+                                 for s in q["seeds"]}
+    assert all(r["parameterization"] == "muP" and math.isfinite(r["val_loss"]) for r in data["runs"])
+    for r in data["runs"]:  # the row's rule, width, eta and seed are what its train.py run was given
+        name = f"{r['rule']}-w{r['width']}-lr{r['lr']:g}-s{r['seed']}"
+        cfg = json.load(open(os.path.join(runs, name, "config.json")))
+        a = cfg["args"]
+        assert (a["muon_scale"], a["optimizer"], a["lr"], a["seed"], a["mup"], a["run_name"]) == \
+            (r["rule"], "muon", r["lr"], r["seed"], True, name)
+        assert cfg["model"]["n_embd"] == r["width"] and cfg["model"]["n_head"] == max(1, r["width"] // 32)
+        log = [json.loads(line) for line in open(os.path.join(runs, name, "log.jsonl"))]
+        assert {e["optimizer"] for e in log if "loss" in e} == {"muon"}  # from step 0
+        assert [e["val_loss"] for e in log if "val_loss" in e][-1] == r["val_loss"]
+    # the rules really differ: the same width, eta and seed train to another loss under another rule
+    k = by_key(data)
+    assert all(k[("moonlight", w, lr, 1)] != k[("unit_rms_norm", w, lr, 1)] for w in q["widths"] for lr in q["lrs"])
+    tables = re.findall(r"^\| (\w+), width \|", printed, re.M)
+    assert tables == list(rules)
+
+
+def test_jobs_give_the_same_numbers_as_one_at_a_time(muon_quick, tmp_path):
+    data, _, _, data_dir = muon_quick
+    out = str(tmp_path / "muon2.json")
+    capture(lambda: mup_sweep.main(
+        ["--quick", "--optimizer=muon", "--muon_scales=moonlight,unit_rms_norm", f"--out={out}", "--jobs=2",
+         f"--train_args={mup_sweep.QUICK['train_args']} --data_dir={data_dir}"]))
+    again = json.load(open(out))
+    assert by_key(again) == by_key(data)  # each run to the bit, in its own process with one thread
+    assert again["info"]["jobs"] == 2 and not os.path.exists(str(tmp_path / "muon2_runs"))  # runs removed once read
+
+
+def test_quick_muon_decay_sweep_branches_every_eta_from_one_stable_phase(muon_quick, tmp_path):
+    _, _, _, data_dir = muon_quick
+    out, runs = str(tmp_path / "decay.json"), str(tmp_path / "runs")
+    argv = ["--quick", "--optimizer=muon", "--muon_phase=decay", "--stable_lr=0.004", f"--out={out}",
+            f"--runs_dir={runs}", "--keep_runs", f"--train_args={mup_sweep.QUICK['train_args']} --data_dir={data_dir}"]
+    capture(lambda: mup_sweep.main(argv + ["--muon_scales=moonlight"]))
+    data = json.load(open(out))
+    decay_at = data["decay_start"]
+    assert decay_at == 8 and data["stable_lr"] == 0.004
+    assert {(s["width"], s["seed"]) for s in data["stable_runs"]} == {(32, 1), (64, 1)}
+    for w in (32, 64):
+        base = json.load(open(os.path.join(runs, f"stable-w{w}-s1", "config.json")))["args"]
+        assert (base["optimizer"], base["muon_at_decay"], base["lr"], base["stop_after"]) == ("adamw", False, 0.004, 8)
+    for r in data["runs"]:
+        name = f"{r['rule']}-w{r['width']}-lr{r['lr']:g}-s{r['seed']}"
+        a = json.load(open(os.path.join(runs, name, "config.json")))["args"]
+        assert a["resume"] == os.path.join(runs, f"stable-w{r['width']}-s1", f"ckpt_{decay_at:07d}.pt")
+        assert (a["muon_at_decay"], a["optimizer"], a["muon_scale"], a["lr"]) == (True, "adamw", r["rule"], r["lr"])
+        steps = [e for e in map(json.loads, open(os.path.join(runs, name, "log.jsonl"))) if "loss" in e]
+        assert steps[0]["step"] == decay_at and {e["optimizer"] for e in steps} == {"muon"}  # the decay only
+    ckpt = os.path.join(runs, "stable-w64-s1", f"ckpt_{decay_at:07d}.pt")
+    mtime = os.path.getmtime(ckpt)
+    capture(lambda: mup_sweep.main(argv + ["--muon_scales=spectral", "--resume"]))  # another rule: the same stable
+    again = json.load(open(out))
+    assert os.path.getmtime(ckpt) == mtime and len(again["runs"]) == 8
+    assert {r["rule"] for r in again["runs"]} == {"moonlight", "spectral"} and len(again["history"]) == 1
+    with pytest.raises(SystemExit, match="other --train_args/--head_dim/--muon_phase/--stable_lr"):
+        mup_sweep.main(argv[:3] + ["--stable_lr=0.002"] + argv[4:] + ["--resume"])
+    # two at a time, each decay waiting for its stable phase: the same numbers
+    out2 = str(tmp_path / "decay2.json")
+    capture(lambda: mup_sweep.main(argv[:4] + [f"--out={out2}", f"--runs_dir={tmp_path}/runs2", argv[-1],
+                                               "--muon_scales=moonlight", "--jobs=2"]))
+    two = json.load(open(out2))
+    assert by_key(two) == {k: v for k, v in by_key(again).items() if k[0] == "moonlight"}
+    stable = lambda d: {(s["width"], s["seed"], s["val_loss"]) for s in d["stable_runs"]}
+    assert len(stable(two)) == 2 and stable(two) == stable(data)
+
+
+def fake_muon_loss(rule, width, lr, seed):
+    """A made-up Muon surface: the best eta of moonlight rises as width^1/2 from 0.005 at width 64, unit_rms_norm's
+    stays at 0.02."""
+    best = {"moonlight": 0.005 * math.sqrt(width / 64), "unit_rms_norm": 0.02}[rule]
+    return 3 + 0.1 * (math.log2(lr) - math.log2(best)) ** 2 - 0.05 * math.log2(width) + 0.001 * seed
+
+
+def test_muon_sweep_grids_per_rule_and_the_edge_warning(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_muon_loss, calls))
+    out = str(tmp_path / "m.json")
+    printed = capture(lambda: mup_sweep.main(["--optimizer=muon", "--muon_scales=moonlight,unit_rms_norm",
+                                              "--widths=64,256,1024", f"--out={out}", f"--runs_dir={tmp_path}/r"]))
+    data = json.load(open(out))
+    for rule in ("moonlight", "unit_rms_norm"):  # each rule on its own default grid
+        assert sorted({lr for r, _, lr, _ in calls if r == rule}) == mup_sweep.MUON_LRS[rule]
+    best = {(b["rule"], b["width"]): b["lr"] for b in data["best_lr"]}
+    assert [best[("moonlight", w)] for w in (64, 256, 1024)] == [0.005, 0.01, 0.02]  # width^1/2: up 4x
+    assert [best[("unit_rms_norm", w)] for w in (64, 256, 1024)] == [0.02] * 3
+    assert "best LR by width: 0.005 at 64, 0.01 at 256, 0.02 at 1024; x4 from width 64 to 1024" in printed
+    assert "warning" not in printed
+    # a grid that stops short: the best LR on its edge is named, the others are not
+    out2 = str(tmp_path / "m2.json")
+    printed = capture(lambda: mup_sweep.main(["--optimizer=muon", "--muon_scales=moonlight,unit_rms_norm",
+                                              "--widths=64,1024", "--lrs=0.0025,0.005,0.01", f"--out={out2}",
+                                              f"--runs_dir={tmp_path}/r"]))
+    warnings = [line for line in printed.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: moonlight: the best LR is at the edge of the grid at width 1024 (0.01), so the "
+                        "optimum may lie outside it; run more --lrs past it (--resume keeps the runs done)",
+                        "warning: unit_rms_norm: the best LR is at the edge of the grid at width 64 (0.01), 1024 "
+                        "(0.01), so the optimum may lie outside it; run more --lrs past it (--resume keeps the runs "
+                        "done)"]
+    # the figure and the tables come back from the JSON, one panel per rule
+    printed = capture(lambda: mup_sweep.main([f"--plot_only={out}"]))
+    assert re.findall(r"^\| (\w+), width \|", printed, re.M) == ["moonlight", "unit_rms_norm"]
+    assert os.path.exists(str(tmp_path / "m.png")) == HAVE_MPL
+
+
+def test_the_default_grids_put_unit_rms_norm_higher_and_flags_check_their_sweep(tmp_path, capsys):
+    lrs = mup_sweep.MUON_LRS
+    for rule in ("unit_rms_norm", "spectral"):  # their step is ~3-5x smaller than moonlight's at the same eta
+        assert min(lrs[rule]) > min(lrs["moonlight"]) and max(lrs[rule]) > max(lrs["moonlight"])
+    assert mup_sweep.parse_args(["--optimizer=muon"]).panels == list(mup_sweep.RULES) == list(lrs)
+    args = mup_sweep.parse_args(["--optimizer=muon", "--lrs=0.01,0.02"])
+    assert args.lrs_of == {r: [0.01, 0.02] for r in mup_sweep.RULES}  # --lrs: one grid for every rule
+    assert args.out == "figures/mup_muon_all.json" and args.runs_dir == os.path.join("runs", "mup_muon_all")
+    for argv, says in [(["--muon_phase=decay"], "add --optimizer=muon"),
+                       (["--optimizer=muon", "--muon_scales=moonlight,rms"], "--muon_scales=moonlight,rms: expected"),
+                       (["--optimizer=muon", "--muon_scales=spectral,spectral"], "spectral is given twice")]:
+        with pytest.raises(SystemExit) as e:
+            mup_sweep.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and err.count("\n") == 1, err
+    adamw = tmp_path / "adamw.json"  # an AdamW sweep's JSON is not a Muon sweep to resume
+    adamw.write_text(json.dumps(dict(kind="sweep", runs=[], cells=[], widths=[], lrs=[], best_lr=[])))
+    with pytest.raises(SystemExit, match="adamw.json is not a muon_sweep JSON file; it is not replaced"):
+        mup_sweep.main(["--optimizer=muon", f"--out={adamw}", "--resume"])
+
+
+def test_the_committed_adamw_sweep_still_reads(tmp_path):
+    """A JSON from before the Muon sweep (rows without a rule) redraws and prints as it did."""
+    committed = os.path.join(ROOT, "figures", "mup_sweep.json")
+    path = tmp_path / "old.json"
+    path.write_text(open(committed).read())
+    printed = capture(lambda: mup_sweep.main([f"--plot_only={path}"]))
+    tables = printed_tables(printed)
+    data = json.load(open(committed))
+    for b in data["best_lr"]:
+        assert tables[b["parameterization"]][b["width"]][0] == b["lr"]
+
+
+def test_a_failed_run_in_a_job_is_its_own_line_and_stops_the_rest(tmp_path):
+    jobs = [mup_sweep.Job("bad", ["--lr=0.01", "--data_dir=/nonexistent/data"], str(tmp_path / "bad"), None),
+            mup_sweep.Job("after", ["--dry_run"], str(tmp_path / "after"), "bad")]
+    done = []
+    for d in ("bad", "after"):
+        os.makedirs(tmp_path / d)
+    with pytest.raises(mup_sweep.JobError, match=r"a run failed \(train\.py: error: .*\): python train.py --lr=0.01"):
+        mup_sweep.run_jobs(jobs, 2, lambda job, result: done.append(job.key))
+    assert done == []  # the job that waited for it never started
