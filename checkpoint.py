@@ -6,12 +6,12 @@ ends (a kill, a full disk, a diverged loss, a second run started into the same d
 that continue it bit-for-bit. One object, Run, owns that life:
 
     with Run(args, launch, log, keep_steps) as run:  # makes and locks --out_dir; Ctrl-C / SIGTERM now stop cleanly
-        start = run.start(model, train_loader, config, tokenizer, end)   # resume --resume's checkpoint, or refuse
-        ...                                                              # to replace an earlier run without --overwrite
+        start = run.start(model, train_loader, config, tokenizer, end)  # --resume's checkpoint loaded, or step 0
         loss, stopping = run.agree(loss)             # the step's mean loss; whether any rank was asked to stop
         run.check_finite(step, loss, grad_norm)      # a non-finite step stops every rank, without saving
         run.save(step, model, optimizer, opt_kind, probe, best_val, tokens_seen)   # refuses a diverged state
-        run.log(entry)                               # log.jsonl, kept in step with the checkpoints
+        run.log(entry)                               # log.jsonl (and --logger's dashboards), in step with the saves
+        run.stop(step) / run.complete()              # after a signal: exit 128+n, saying how to go on or that it ended
 
 Under torchrun, the methods marked collective must be called by every rank, in the same order.
 """
@@ -86,10 +86,7 @@ class Run:
                 error = str(e)
             except LockError as e:
                 error = f"{e}; wait for it to end, or use another --out_dir"
-        if self.launch.ddp:  # every rank stops if rank 0 could not lock
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = self.agreed(lambda: error)  # every rank stops if rank 0 could not lock
         if error:
             self.stack.close()
             raise CheckpointError(error)

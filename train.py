@@ -360,7 +360,8 @@ def dry_run(args):
     started = int(os.environ.get("WORLD_SIZE", 0))
     if started and args.world_size not in (None, started):
         raise ConfigError(f"--world_size={args.world_size}, but torchrun started {started} processes; drop it")
-    world_size, log = args.world_size or started or 1, print if os.environ.get("RANK", "0") == "0" else id
+    world_size = args.world_size or started or 1
+    log = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     check_batches(args, world_size)
     has_data = os.path.exists(os.path.join(args.data_dir, "meta.json"))
     meta = prepare_data.read_meta(args.data_dir) if has_data else dict(
