@@ -51,7 +51,8 @@ import evaluate
 import train
 from cli import Parser, Range, UserError, comma_list, flag, run_main, split_words
 from model import PRESETS, GPTConfig
-from mup_sweep import Job, claim_run_dir, is_finished, mark_finished, run_jobs, width_flags
+from jobs import Job, claim_run_dir, is_finished, mark_finished, run_jobs
+from mup_sweep import width_flags
 from safeio import FileLock, atomic_write, check_output, is_png, json_with, make_dir, read_jsonl, write_json
 
 # an arm: its extra train.py flags; {rewarm} is a tenth of the decay window

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import jobs  # noqa: E402
 import mup_sweep  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import train  # noqa: E402
@@ -110,7 +111,7 @@ def flags_of(argv):
 
 
 def fake_train(loss, calls=None):
-    """A stand-in for mup_sweep.train_result: loss(name, width, lr, seed) read from the run's own train.py flags
+    """A stand-in for jobs.train_result: loss(name, width, lr, seed) read from the run's own train.py flags
     (name: its Muon rule, or muP/SP), a NaN loss as a diverged run."""
     def result(argv, log=None):
         f = flags_of(argv)
@@ -126,7 +127,7 @@ def fake_train(loss, calls=None):
 
 @pytest.mark.parametrize("seeds", ["1,2", "1,2,3"])
 def test_statistics_are_those_of_the_runs(monkeypatch, tmp_path, seeds):
-    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_loss))
+    monkeypatch.setattr(jobs, "train_result", fake_train(fake_loss))
     out = str(tmp_path / "fake.json")
     printed = capture(lambda: mup_sweep.main(["--widths=64,128,256", "--lrs=0.0025,0.005,0.01,0.02,0.04",
                                               f"--seeds={seeds}", f"--out={out}", f"--runs_dir={tmp_path}/runs"]))
@@ -179,15 +180,15 @@ def test_each_run_gets_its_width_lr_seed_and_parameterization_and_a_diverged_run
     monkeypatch.setattr(train, "main", fake_main)
     args = mup_sweep.parse_args(["--train_args=--n_layer=2"])
     argv = mup_sweep.run_argv(args, "muP", 128, 0.01, 7)
-    assert mup_sweep.train_result(argv) == {"val_loss": 2.5}
+    assert jobs.train_result(argv) == {"val_loss": 2.5}
     assert {"--n_layer=2", "--n_embd=128", "--n_head=4", "--n_kv_head=4", "--mlp_hidden=320", "--lr=0.01",
             "--mup=1", "--seed=7", "--run_name=muP-w128-lr0.01-s7"} <= set(seen[-1])
     assert not any(a.startswith(("--optimizer", "--muon")) for a in seen[-1])  # the AdamW sweep: train.py's AdamW
     assert {"--n_embd=64", "--n_head=2", "--lr=0.02", "--mup=0", "--seed=1"} <= set(mup_sweep.run_argv(
         args, "SP", 64, 0.02, 1))
-    assert mup_sweep.train_result(mup_sweep.run_argv(args, "SP", 64, 0.5, 1)) == {"diverged": True}  # a data point
+    assert jobs.train_result(mup_sweep.run_argv(args, "SP", 64, 0.5, 1)) == {"diverged": True}  # a data point
     with pytest.raises(SystemExit, match="something else"):  # any other error still stops the sweep
-        mup_sweep.train_result(mup_sweep.run_argv(args, "SP", 64, 0.25, 1))
+        jobs.train_result(mup_sweep.run_argv(args, "SP", 64, 0.25, 1))
     muon = mup_sweep.parse_args(["--optimizer=muon", "--train_args=--n_layer=2"])
     assert {"--optimizer=muon", "--muon_scale=unit_rms_norm", "--mup=1", "--lr=0.04",
             "--run_name=unit_rms_norm-w64-lr0.04-s2"} <= set(mup_sweep.run_argv(muon, "unit_rms_norm", 64, 0.04, 2))
@@ -220,7 +221,7 @@ def test_coord_quick_writes_its_picture(tmp_path):
 def test_resume_adds_a_seed_to_some_widths_and_keeps_the_rest(monkeypatch, tmp_path):
     calls = []
 
-    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_loss, calls))
+    monkeypatch.setattr(jobs, "train_result", fake_train(fake_loss, calls))
     out, runs = str(tmp_path / "r.json"), f"--runs_dir={tmp_path}/runs"
     capture(lambda: mup_sweep.main(["--widths=64,128", "--lrs=0.005,0.01", "--seeds=1", f"--out={out}", runs]))
     assert len(calls) == 8
@@ -278,7 +279,7 @@ def test_a_value_given_twice_is_a_parser_error(capsys, flag):
 
 
 def test_overwrite_replaces_a_sweep_never_what_mup_sweep_did_not_write(tmp_path, monkeypatch):
-    monkeypatch.setattr(mup_sweep, "train_result", lambda *a: pytest.fail("a run started"))
+    monkeypatch.setattr(jobs, "train_result", lambda *a: pytest.fail("a run started"))
     (tmp_path / "ckpt_0000004.pt").write_bytes(b"PK\x03\x04 a checkpoint")
     (tmp_path / "s.png").write_text("not a picture")
     (tmp_path / "s.json.bak").write_text("my notes")
@@ -396,7 +397,7 @@ def fake_muon_loss(rule, width, lr, seed):
 
 def test_muon_sweep_grids_per_rule_and_the_edge_warning(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(mup_sweep, "train_result", fake_train(fake_muon_loss, calls))
+    monkeypatch.setattr(jobs, "train_result", fake_train(fake_muon_loss, calls))
     out = str(tmp_path / "m.json")
     printed = capture(lambda: mup_sweep.main(["--optimizer=muon", "--muon_scales=moonlight,unit_rms_norm",
                                               "--widths=64,256,1024", f"--out={out}", f"--runs_dir={tmp_path}/r"]))
@@ -459,11 +460,11 @@ def test_the_committed_adamw_sweep_still_reads(tmp_path):
 
 
 def test_a_failed_run_in_a_job_is_its_own_line_and_stops_the_rest(tmp_path):
-    jobs = [mup_sweep.Job("bad", ["--lr=0.01", "--data_dir=/nonexistent/data"], str(tmp_path / "bad"), None),
-            mup_sweep.Job("after", ["--dry_run"], str(tmp_path / "after"), "bad")]
+    todo = [jobs.Job("bad", ["--lr=0.01", "--data_dir=/nonexistent/data"], str(tmp_path / "bad"), None),
+            jobs.Job("after", ["--dry_run"], str(tmp_path / "after"), "bad")]
     done = []
     for d in ("bad", "after"):
         os.makedirs(tmp_path / d)
-    with pytest.raises(mup_sweep.JobError, match=r"a run failed \(train\.py: error: .*\): python train.py --lr=0.01"):
-        mup_sweep.run_jobs(jobs, 2, lambda job, result: done.append(job.key))
+    with pytest.raises(jobs.JobError, match=r"a run failed \(train\.py: error: .*\): python train.py --lr=0.01"):
+        jobs.run_jobs(todo, 2, lambda job, result: done.append(job.key))
     assert done == []  # the job that waited for it never started
