@@ -638,6 +638,9 @@ def parse_args(argv=None):
     if args.long_context and args.long_context_warmup >= total_iters(args) - args.max_iters:
         raise refuse(f"--long_context_warmup={args.long_context_warmup} steps do not fit in the long-context phase's "
                      f"{total_iters(args) - args.max_iters}; give a shorter one (the release: 500 of 10,000)")
+    if args.world_size and not args.dry_run:
+        raise refuse(f"--world_size={args.world_size} plans a run (--dry_run); torchrun --nproc_per_node sets a "
+                     f"real one")
     given = [k for k in MODEL_FIELDS if getattr(args, k) is not None and k != "block_size"]
     if args.init_from and given:
         raise refuse(f"--init_from takes the architecture from the checkpoint; drop --{', --'.join(given)}")

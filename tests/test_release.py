@@ -173,3 +173,8 @@ def test_every_torchrun_command_plans_at_its_world_size(where, command, capsys):
     res = train.main([*flags, "--dry_run", f"--world_size={world}"])  # SystemExit (one line) if it cannot run
     assert res["args"].dry_run and f"{world} process(es)" in capsys.readouterr().out
     assert math.isfinite(train.total_iters(res["args"]))
+
+
+def test_world_size_only_plans():
+    with pytest.raises(SystemExit, match="--world_size=8 plans a run"):
+        train.parse_args(["--world_size=8"])
