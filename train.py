@@ -56,13 +56,13 @@ def refuse(message):
 TRAIN_PRESETS = {
     "cpu": dict(max_iters=360, warmup_iters=30, decay_iters=80, total_batch_size=16 * 256, batch_size=16,
                 batch_double_step=0, eval_interval=60, eval_iters=20, ckpt_interval=120, log_interval=10,
-                sample_len=200, long_context_warmup=4),
+                sample_len=200),
     "nano": dict(max_iters=5000, warmup_iters=200, decay_iters=1000, total_batch_size=32 * 3712, batch_size=16,
                  batch_double_step=0, eval_interval=250, eval_iters=20, ckpt_interval=1000, log_interval=1,
-                 sample_len=0, long_context_warmup=50),
+                 sample_len=0),
     "xmodel-2.5": dict(max_iters=550_000, warmup_iters=2000, decay_iters=20_000, total_batch_size=480 * 3712,
                        batch_size=4, batch_double_step=270_000, eval_interval=2000, eval_iters=50,
-                       ckpt_interval=2000, log_interval=1, sample_len=0, long_context_warmup=500),
+                       ckpt_interval=2000, log_interval=1, sample_len=0),
 }
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
 DECAY_SHAPES = {  # coeff(t), 1 at the decay's start (t = 0) -> its end (t = 1)
@@ -76,6 +76,7 @@ DECAY_SHAPES = {  # coeff(t), 1 at the decay's start (t = 0) -> its end (t = 1)
 # (--lr-warmup-init) to where the decay ended, then linear to 1e-5 (--min-lr, --decoupled-min-lr) for every group;
 # each stage's global batch in sequences and micro-batch, per sequence length (train_decay_fp8_1117/1118.sh)
 LONG_CONTEXT_LR_INIT, LONG_CONTEXT_MIN_LR = 1e-6, 1e-5
+LONG_CONTEXT_WARMUP = 500 / 10_000  # the release's warmup, as a fraction of its 10k-step phase
 RELEASE_LONG_CONTEXT_BATCH = {8192: (960, 2), 16384: (240, 1)}
 
 # -----------------------------------------------------------------------------
@@ -564,7 +565,7 @@ def get_parser():
               "tokens a step and a micro-step), e.g. 8192:3000,16384:7000; a fresh optimizer and LR schedule; "
               "continues a decay checkpoint with --resume=PATH")
     flag(g, "long_context_warmup", type=int, default=None, range=ge0,
-         help="the long-context phase's LR warmup steps; " + per_preset("long_context_warmup"))
+         help="the long-context phase's LR warmup steps; default 5%% of the phase (the release's 500 of 10,000)")
     flag(g, "long_context_lr_init", type=float, default=LONG_CONTEXT_LR_INIT, range=ge0,
          help="where its warmup starts (every group)")
     flag(g, "long_context_min_lr", type=float, default=LONG_CONTEXT_MIN_LR, range=ge0,
@@ -635,6 +636,8 @@ def parse_args(argv=None):
     # the sequence length of warmup, stable and decay (--init_from keeps it too)
     args.block_size = args.block_size or GPTConfig(**PRESETS[args.preset]).block_size
     args.long_context = parse_long_context(args.long_context, args)
+    if args.long_context_warmup is None:
+        args.long_context_warmup = round(LONG_CONTEXT_WARMUP * (total_iters(args) - args.max_iters))
     if args.long_context and args.long_context_warmup >= total_iters(args) - args.max_iters:
         raise refuse(f"--long_context_warmup={args.long_context_warmup} steps do not fit in the long-context phase's "
                      f"{total_iters(args) - args.max_iters}; give a shorter one (the release: 500 of 10,000)")

@@ -85,7 +85,8 @@ def test_stages_take_their_batch_from_the_flag_or_the_decays_tokens():
     with pytest.raises(SystemExit, match="shorter than the training context"):
         train.parse_args(["--block_size=256", "--long_context=128:2"])
     with pytest.raises(SystemExit, match=r"--long_context_warmup=500 steps do not fit in the long-context phase's 40"):
-        train.parse_args(["--preset=xmodel-2.5", "--long_context=8192:20,16384:20"])
+        train.parse_args(["--preset=xmodel-2.5", "--long_context=8192:20,16384:20", "--long_context_warmup=500"])
+    assert train.parse_args(["--long_context=512:80"]).long_context_warmup == 4  # 5% of the phase, as released
     with pytest.raises(SystemExit, match=r"not a whole number of 8192-token sequences; give the stage's batch"):
         train.parse_args(["--block_size=3712", "--batch_size=4", "--long_context=8192:10"])
 

@@ -757,7 +757,8 @@ def test_long_context_continues_a_decay_checkpoint_and_learns_the_longer_context
     base = tmp_path / "base"
     run(data_dir, base, *REF, "--eval_interval=0")  # block_size 32 through warmup, stable, decay: step 12
     lc = tmp_path / "lc"
-    flags = [*REF, "--eval_interval=4", f"--resume={ckpt_path(base, 12)}", "--long_context=64:8,128:4"]
+    flags = [*REF, "--eval_interval=4", f"--resume={ckpt_path(base, 12)}", "--long_context=64:8,128:4",
+             "--long_context_warmup=4"]
     run(data_dir, lc, *flags)
     steps, vals = read_log(lc)
     assert sorted(steps) == list(range(12, 24)) and all(steps[s]["phase"] == "long_context" for s in steps)
