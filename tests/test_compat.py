@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -32,6 +31,8 @@ import train  # noqa: E402
 from model import GPT  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "data", "compat")
+sys.path.insert(0, os.path.dirname(FIXTURE))
+from make_compat_fixture import machine, skeleton  # noqa: E402  (what the fixture's generator recorded)
 with open(os.path.join(FIXTURE, "old_run.json")) as _f:
     OLD = json.load(_f)
 FLAGS = OLD["flags"]  # the old run's own flags (the model, the schedule with --muon_at_decay, a checkpoint a step)
@@ -48,22 +49,6 @@ CASES = [(6, 7),  # AdamW, stable phase: the resume crosses the switch; the seco
 OPTIMIZER_CLASS = {"adamw": "AdamW", "muon": "Muon"}  # a checkpoint's optimizer_name -> its class
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py; the old run had one thread too)
-
-
-def machine():
-    """What decides the last bits of a CPU fp32 run with one thread (as make_compat_fixture.machine)."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    features = " ".join(sorted((info.get("flags") or info.get("Features") or "").split()))
-    return {"torch": torch.__version__, "cpu": info.get("model name") or platform.processor(),
-            "cpu_features": hashlib.sha256(features.encode()).hexdigest()[:16],
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "arch": platform.machine()}
 
 
 # Losses, gradient norms and val losses come out of fp32 matmuls and reductions, whose last bits depend on the
@@ -113,17 +98,6 @@ def assert_same_tree(a, b, where="state"):
             assert_same_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def skeleton(obj):
-    """Tensors replaced by their dtype and shape (as make_compat_fixture.skeleton)."""
-    if isinstance(obj, torch.Tensor):
-        return {"dtype": str(obj.dtype), "shape": list(obj.shape)}
-    if isinstance(obj, dict):
-        return {k: skeleton(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(skeleton(v) for v in obj)
-    return obj
 
 
 def without_lr(optimizer_state):
