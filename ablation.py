@@ -244,8 +244,7 @@ def pictures(results, summary, arms, control, args, decay_at, out=None):
     ax.set_xticks(range(len(others)), others)
     ax.set_xlim(-0.6, len(others) - 0.4)
     ax.set_ylabel(f"final val loss, arm - {control}")
-    ax.set_title(f"paired differences over {len(results)} seeds (grey) and their mean with a 95% interval",
-                 fontsize=8)
+    ax.set_title(f"paired differences over {len(results)} seeds (grey),\ntheir mean and its 95% interval", fontsize=8)
     fig.tight_layout()
     with atomic_write(os.path.join(out, "differences.png")) as f:  # a full disk leaves the old picture
         fig.savefig(f, format="png", dpi=120)
