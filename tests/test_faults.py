@@ -611,6 +611,7 @@ def test_a_finished_run_without_its_final_evaluation_gets_it_on_resume(data_dir,
 
 
 def test_resuming_an_init_from_run_does_not_need_the_release_again(data_dir, tmp_path):
+    pytest.importorskip("safetensors")  # (hf.py's Hugging Face checkpoints: optional)
     import hf
     base = tmp_path / "base"
     run(data_dir, base, "--max_iters=2", "--warmup_iters=0", "--decay_iters=1", "--eval_interval=0")
