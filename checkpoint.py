@@ -168,7 +168,7 @@ class Run:
     def checkpoint_to_resume(self, ckpts, config, tokenizer):
         """The checkpoint --resume names, refused if it cannot continue this run; what changed since is logged."""
         args = self.args
-        path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+        path = resume_path(args, ckpts)
         if path is None or not os.path.exists(path):
             raise CheckpointError(f"no checkpoint to resume at {path or args.out_dir}; drop --resume to start a new "
                                   f"run")
@@ -276,11 +276,15 @@ def evaluated(out_dir, step):
     return any(e.get("step") == step and "val_loss" in e for e in entries)
 
 
+def resume_path(args, ckpts):
+    """The checkpoint --resume names: its PATH, or (--resume alone) the newest of ckpts; None if there is none."""
+    return args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+
+
 def saved_model_config(args):
     """The GPTConfig of the checkpoint --resume names, or None if there is none to read: a run started with
     --init_from continues from its own checkpoint, which holds the architecture (and the weights)."""
-    ckpts = list_ckpts(args.out_dir)
-    path = args.resume if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+    path = resume_path(args, list_ckpts(args.out_dir))
     try:
         return GPTConfig(**torch.load(path, map_location="cpu", weights_only=False, mmap=True)["model_config"])
     except Exception:  # (what is wrong with it is said, in one line, when the run resumes it)
