@@ -124,7 +124,8 @@ class Run:
             set_rng_state(ckpt["rng"])
             # a run that reached its end evaluates it, unless the log has it (a kill during it left none)
             start = Start(ckpt["step"], ckpt["best_val"], ckpt.get("tokens_seen"), ckpt["optimizer_name"],
-                          ckpt["optimizer"], ckpt["step"] < end or not self.agreed(evaluated, args.out_dir, end))
+                          ckpt["optimizer"], ckpt["step"] < end or ckpt["step"] == end
+                          and not self.agreed(evaluated, args.out_dir, end))
             self.last_saved = ckpt["step"]
             del ckpt
         elif ckpts and not args.overwrite:
@@ -147,8 +148,8 @@ class Run:
             elif start.final_eval:
                 self.print(f"the run reached step {end}, but its final evaluation is missing: evaluating it now")
             else:
-                self.print(f"the run already reached step {end} and is evaluated: it is complete; raise --max_iters "
-                           f"(or --stop_after, --long_context) to train further")
+                self.print(f"the run already reached step {start.step}, evaluated, and this command ends at {end}: "
+                           f"nothing to do; raise --max_iters (or --stop_after, --long_context) to train further")
         return start
 
     def agreed(self, fn, *a):

@@ -595,7 +595,11 @@ def test_a_signal_in_the_final_evaluation_lets_it_finish(data_dir, tmp_path, mon
     monkeypatch.setattr(train, "validate", real)
     before = open(out / "log.jsonl").read()
     run(data_dir, out, *REF, "--resume")  # nothing to do, and it says so
-    assert "is evaluated: it is complete" in capsys.readouterr().out and open(out / "log.jsonl").read() == before
+    assert "evaluated, and this command ends at 12: nothing to do" in capsys.readouterr().out
+    assert open(out / "log.jsonl").read() == before
+    run(data_dir, out, *REF, "--resume", "--stop_after=6")  # ends before the checkpoint: nothing evaluated, no entry
+    assert "reached step 12, evaluated, and this command ends at 6" in capsys.readouterr().out
+    assert open(out / "log.jsonl").read() == before
 
 
 def test_a_finished_run_without_its_final_evaluation_gets_it_on_resume(data_dir, tmp_path, capsys):
