@@ -47,6 +47,7 @@ import statistics
 import sys
 import time
 
+import config
 import evaluate
 import train
 from cli import Parser, Range, UserError, comma_list, flag, run_main, split_words
@@ -376,7 +377,7 @@ def ablate(args):
 def model_shape(sched, args):
     """--widths: the head dim and query heads per kv head of --train_args' model (its preset and flags), which
     every width keeps; --head_dim replaces the first."""
-    c = GPTConfig(**{**PRESETS[sched.preset], **{k: getattr(sched, k) for k in train.MODEL_FIELDS
+    c = GPTConfig(**{**PRESETS[sched.preset], **{k: getattr(sched, k) for k in config.MODEL_FIELDS
                                                  if getattr(sched, k) is not None}})
     head_dim = args.head_dim or c.n_embd // c.n_head
     odd = [w for w in args.widths if w % head_dim]

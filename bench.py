@@ -61,7 +61,7 @@ import prepare_data
 from cli import Parser, Range, flag, run_main, setup_device
 from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
 from safeio import WriteError, atomic_write, check_output, head, json_with, make_dir, read_jsonl, write_json
-from train import TRAIN_PRESETS
+from config import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
 

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
+import config  # noqa: E402
 import safeio  # noqa: E402
 import train  # noqa: E402
 
@@ -136,7 +137,7 @@ def test_a_bad_value_from_the_command_line_is_one_line(tmp_path):
 
 
 def test_help_shows_each_range():
-    blocks = re.split(r"\n  (?=-)", train.get_parser().format_help())  # one block per option
+    blocks = re.split(r"\n  (?=-)", config.get_parser().format_help())  # one block per option
     for flag, allowed in [("--beta1", "[0, 1)"), ("--batch_size", ">= 1"), ("--decay_frac", "[0, 1]"),
                           ("--keep_ckpts", ">= 0"), ("--eps", "> 0")]:
         block = next(b for b in blocks if b.startswith(flag + " "))
@@ -564,7 +565,7 @@ def test_an_output_never_replaces_what_the_script_did_not_make(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_a_non_finite_flag_value_is_said_to_be_one(capsys, value):
     with pytest.raises(SystemExit) as e:
-        train.get_parser().parse_args([f"--lr={value}"])
+        config.get_parser().parse_args([f"--lr={value}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--lr={value} is out of range: allowed >= 0, and the value must be finite" in err
 

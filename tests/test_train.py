@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
@@ -692,7 +693,7 @@ def test_cli_bad_value_is_one_line(tmp_path):
 def test_cli_help_lists_every_flag():
     r = run_cli("--help")
     assert r.returncode == 0 and r.stderr == ""
-    flags = [o for a in train.get_parser()._actions for o in a.option_strings]
+    flags = [o for a in config.get_parser()._actions for o in a.option_strings]
     assert len(flags) > 40
     for flag in flags:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", r.stdout), flag
