@@ -1,5 +1,14 @@
 """
-config.py: a run's configuration: the presets, the flags, resolved once (moved verbatim from train.py)
+config.py: train.py's configuration: the presets, the flags, and parse_args, which resolves them once.
+
+    TRAIN_PRESETS     each --preset's schedule and batch (the model's own fields are model.py's PRESETS)
+    DECAY_SHAPES      the decay's curve, the release's exponential by default (train.py:lr_mult applies it)
+    LONG_CONTEXT_*    the long-context phase's defaults as released (RECIPE.md section 3)
+    get_parser        every flag, grouped as --help shows them, each number with its allowed range
+    parse_args        the flags resolved into what train.py uses: --preset's values for the flags not given,
+                      block_size, --decay_frac as decay_iters, --long_context's stages, the device's defaults
+
+Nothing here runs anything; train.py imports it (and config.py imports nothing from train.py).
 """
 
 import argparse
@@ -29,7 +38,7 @@ def refuse(message):
     return fail(PROG, ConfigError(message))
 
 # -----------------------------------------------------------------------------
-# presets
+# the presets and the recipe's defaults
 
 
 TRAIN_PRESETS = {

@@ -11,9 +11,9 @@ One script for every scale: a laptop CPU, one GPU, or torchrun over many GPUs an
     # two nodes: on each, torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
     #     --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset=xmodel-2.5 --data_dir=data/X --batch_size=2
 
-Read top to bottom: the presets, the schedule as pure functions of (step, args), the optimizers, the set-up,
-then loop(), where each idea of the recipe is one named line; the flags are at the bottom (--help shows their
-ranges). --preset picks the model and a matching schedule; any flag overrides it. checkpoint.py keeps a run
+Read top to bottom: the schedule as pure functions of (step, args), the optimizers, the set-up, then loop(),
+where each idea of the recipe is one named line. The presets and the flags are in config.py (--help shows their
+ranges): --preset picks the model and a matching schedule; any flag overrides it. checkpoint.py keeps a run
 continuable: --resume continues it exactly; Ctrl-C or SIGTERM saves a checkpoint and says how to go on.
 """
 
