@@ -17,7 +17,7 @@ synchronised; memory is the step's peak (torch.cuda.max_memory_allocated):
          AdamW and Muon; torchao's Float8Linear (tensorwise) at the same shape; Muon's optimizer step alone
   hf     transformers' LlamaForCausalLM at the same shape, batch, dtype and compilation: what a user would
          otherwise train
-  head   the loss head at the model's vocabulary: plain logits + F.cross_entropy, model.chunked_cross_entropy
+  head   the loss head at the model's vocabulary: plain logits + F.cross_entropy, head.chunked_cross_entropy
          and Liger's fused linear cross-entropy alone; the whole step's peak memory with the plain and the
          chunked head, and the larger micro-batch the freed memory allows
   fp8    the recipe's four block linears, forward and backward: bf16, ours (weight cast once per step, or per
@@ -59,7 +59,8 @@ import hf
 import muon
 import prepare_data
 from cli import Parser, Range, flag, run_main, setup_device
-from model import GPT, GPTConfig, PRESETS, chunked_cross_entropy
+from head import chunked_cross_entropy
+from model import GPT, GPTConfig, PRESETS
 from safeio import WriteError, atomic_write, check_output, head, json_with, make_dir, read_jsonl, write_json
 from config import TRAIN_PRESETS
 

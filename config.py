@@ -162,7 +162,7 @@ def get_parser():
     flag(g, "seed", type=int, default=1337, range=Range(0, 2**32 - 1))
     flag(g, "chunked_loss", type=str2bool, nargs="?", const=True, default=True,
          help="the tied head and the loss a chunk of tokens at a time, never the whole (tokens x vocab) logits "
-              "(model.chunked_cross_entropy); 0: logits + F.cross_entropy, the plain reference")
+              "(head.chunked_cross_entropy); 0: logits + F.cross_entropy, the plain reference")
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
     flag(g, "out_dir", default="out")

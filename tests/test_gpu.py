@@ -72,8 +72,8 @@ def test_short_gpu_run_learns(tmp_path, flags):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_chunked_head_matches_the_plain_head_under_bf16(compiled, monkeypatch):
-    import model as model_py
-    monkeypatch.setattr(model_py, "CE_CHUNK_BYTES", 4 * 50_304 * 512)  # 512-token chunks: 4 of the 2048 tokens
+    import head as head_py
+    monkeypatch.setattr(head_py, "CE_CHUNK_BYTES", 4 * 50_304 * 512)  # 512-token chunks: 4 of the 2048 tokens
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_embd=256, n_head=4, n_kv_head=2, mlp_hidden=640, vocab_size=50_304, block_size=256)
     model = GPT(cfg).cuda()

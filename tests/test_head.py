@@ -1,4 +1,4 @@
-"""The chunked loss head (model.chunked_cross_entropy): the same loss and gradients as the plain tied head +
+"""The chunked loss head (head.chunked_cross_entropy): the same loss and gradients as the plain tied head +
 F.cross_entropy, without ever holding the (tokens x vocab) logits."""
 import os
 import sys
@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import LargestTensor  # noqa: E402
-import model as model_py  # noqa: E402
-from model import GPT, GPTConfig, chunk_rows, chunked_cross_entropy  # noqa: E402
+import head as head_py  # noqa: E402
+from head import chunk_rows, chunked_cross_entropy  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 
 def problem(N=300, d=48, V=1000, dtype=torch.float64, seed=0, ignore_every=7):
@@ -77,7 +78,7 @@ def small_model(seed=0, **kw):
 
 @pytest.mark.parametrize("mup", [True, False])
 def test_model_loss_and_gradients_chunked_equal_plain(mup, monkeypatch):
-    monkeypatch.setattr(model_py, "CE_CHUNK_BYTES", 4 * 320 * 48)  # 48-token chunks: 128 tokens make 3, ragged
+    monkeypatch.setattr(head_py, "CE_CHUNK_BYTES", 4 * 320 * 48)  # 48-token chunks: 128 tokens make 3, ragged
     assert chunk_rows(320) == 48
     model = small_model(mup=mup)
     assert model.config.logit_mult == (4.0 if mup else 1.0)
