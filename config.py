@@ -107,6 +107,9 @@ def get_parser():
 
     g = p.add_argument_group("Muon (muon.py; values: RECIPE.md section 4)")
     flag(g, "muon_momentum", type=float, default=0.95, range=unit)
+    flag(g, "muon_lr", type=float, default=None, range=Range(0, lo_open=True),
+         help="the eta of the matrices Muon steps, their width rule's LR taken from it (--muon_scale); default "
+              "--lr. The embedding and norms keep --lr's")
     flag(g, "muon_scale", default="moonlight", choices=list(muon.MUON_SCALES),
          help="Muon's width rule (muon.MUON_SCALES): "
               + "; ".join(f"{name}: {rule.help}" for name, rule in muon.MUON_SCALES.items()))

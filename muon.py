@@ -225,6 +225,10 @@ def adjusted_lr(lr, shape, muon_scale="moonlight"):
 # the optimizer: Muon for the hidden matrices, AdamW for the rest
 
 
+def is_muon_group(group):
+    return group.get("muon", group.get("name") == "hidden")  # model.param_groups' "hidden": the 2-D block matrices
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for the groups named "hidden" (or marked muon=True), AdamW for all others, in one optimizer.
 
@@ -245,7 +249,7 @@ class Muon(torch.optim.Optimizer):
     def add_param_group(self, group):
         super().add_param_group(group)  # fills in the defaults
         group = self.param_groups[-1]
-        group.setdefault("muon", group.get("name") == "hidden")
+        group.setdefault("muon", is_muon_group(group))
         muon_scale_rule(group["muon_scale"])  # an unknown rule fails now, not at the first step
         if group["muon"] and any(p.ndim != 2 for p in group["params"]):
             raise ValueError(f"Muon group {group.get('name')!r} holds a parameter that is not a matrix")

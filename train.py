@@ -66,14 +66,16 @@ def lr_mult(step, args):
     return mult
 
 
-def group_lr(step, args, group_mult=1.0):
+def group_lr(step, args, group_mult=1.0, eta=None):
     """The LR a param group with muP multiplier group_mult (1 for the embedding, 1/m for hidden matrices) trains
     with at `step`. In the long-context phase, a fresh schedule: warmup from --long_context_lr_init to the decay's
-    end (peak x group_mult x min_lr_ratio), then linear to --long_context_min_lr, the same floor for every group."""
+    end (peak x group_mult x min_lr_ratio), then linear to --long_context_min_lr, the same floor for every group.
+    eta: the group's peak, --lr unless --muon_lr gives Muon's matrices their own (group_eta)."""
+    eta = args.lr if eta is None else eta
     if step < args.max_iters:
-        return args.lr * lr_mult(step, args) * group_mult
+        return eta * lr_mult(step, args) * group_mult
     j, n, warmup = step - args.max_iters, total_iters(args) - args.max_iters, args.long_context_warmup
-    top, floor = args.lr * group_mult * args.min_lr_ratio, args.long_context_min_lr
+    top, floor = eta * group_mult * args.min_lr_ratio, args.long_context_min_lr
     if 0 < warmup and j <= warmup:
         return args.long_context_lr_init + (top - args.long_context_lr_init) * j / warmup
     return floor + (1 - (j - warmup) / (n - warmup)) * (top - floor)
@@ -186,7 +188,8 @@ def print_plan(args, groups, world_size):
           + f" {'tokens/step':>12} {'accum':>6} {'optimizer':>9} {'seq':>6} {'seqs/step':>9} {'micro':>5}")
     for s in sorted(m for m in marks if 0 <= m < end):
         print(f"{s:>9} {phase(s, args):>12} {group_lr(s, args) / args.lr:>8.4f} "
-              + " ".join(f"{group_lr(s, args, g['lr_mult']):>14.3e}" for g in groups)
+              + " ".join(f"{group_lr(s, args, g['lr_mult'], group_eta(args, g, optimizer_kind(s, args))):>14.3e}"
+                         for g in groups)
               + f" {step_tokens(s, args, world_size):>12,} {grad_accum_steps(s, args, world_size):>6}"
               + f" {optimizer_kind(s, args):>9} {seq_len(s, args):>6} {step_sequences(s, args):>9,}"
               + f" {micro_batch(s, args):>5}")
@@ -208,10 +211,16 @@ def build_optimizer(model, args, device, kind):
     raise ValueError(f"unknown optimizer {kind}")
 
 
-def set_lr(optimizer, step, args):
+def group_eta(args, group, kind):
+    """The peak a param group's LR is a multiple of: --lr, or --muon_lr for the matrices Muon steps."""
+    stepped_by_muon = kind == "muon" and muon.is_muon_group(group)
+    return args.muon_lr if stepped_by_muon and args.muon_lr is not None else args.lr
+
+
+def set_lr(optimizer, step, args, kind):
     """Every param group at its LR for `step` (muP: its own multiple of the schedule's); the peak group's LR."""
     for g in optimizer.param_groups:
-        g["lr"] = group_lr(step, args, g["lr_mult"])
+        g["lr"] = group_lr(step, args, g["lr_mult"], group_eta(args, g, kind))
     return group_lr(step, args)
 
 
@@ -373,7 +382,7 @@ def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, l
             val_loss, best_val = validate(run, log, model, val_loader, step, args, autocast, tokens_seen, best_val)
 
         t0 = time.perf_counter()
-        lr = set_lr(optimizer, step, args)  # WSD's LR for the step, muP's multiple of it for each group
+        lr = set_lr(optimizer, step, args, opt_kind)  # WSD's LR for the step, muP's multiple of it for each group
         accum = grad_accum_steps(step, args, world_size)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):

@@ -804,6 +804,32 @@ def test_switch_warmup_rewarms_the_lr_after_the_switch_only(muon_at_decay):
         assert train.lr_mult(s, args) == pytest.approx(ref), s
 
 
+def test_muon_lr_moves_only_the_matrices_muon_steps(data_dir, tmp_path, capsys):
+    """--muon_lr: after the switch the hidden (Muon) group's LR is muon_lr * lr_mult(step) / m; the embedding and
+    norms, and every group before the switch, keep --lr's. The dry-run plan prints the same."""
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda opt, a, k: seen.append({g["name"]: g["lr"] for g in
+                                                                             opt.param_groups}))
+    flags = ["--max_iters=9", "--warmup_iters=2", "--decay_iters=2", "--muon_at_decay", "--muon_lr=0.03"]
+    try:
+        run(data_dir, tmp_path, *flags, "--eval_interval=0", "--ckpt_interval=0", "--keep_ckpts=0")
+    finally:
+        handle.remove()
+    args = train.parse_args(TINY + flags)
+    for step, lrs in enumerate(seen):
+        hidden_eta = 0.03 if step >= 7 else 0.01
+        want = {"embedding": 0.01, "hidden": hidden_eta / WIDTH_MULT, "norm": 0.01 / WIDTH_MULT}
+        assert lrs == pytest.approx({n: v * train.lr_mult(step, args) for n, v in want.items()}, rel=1e-12), step
+    capsys.readouterr()
+    run(data_dir, tmp_path / "plan", *flags, "--dry_run")
+    rows = {int(r[0]): r for r in (line.split() for line in capsys.readouterr().out.splitlines())
+            if r and r[0].isdigit()}
+    for s in (6, 7):  # the last AdamW step, the first Muon step: embedding, hidden, norm
+        hidden_eta = 0.03 if s == 7 else 0.01
+        assert [float(v) for v in rows[s][3:6]] == pytest.approx(
+            [m * train.lr_mult(s, args) for m in (0.01, hidden_eta / WIDTH_MULT, 0.01 / WIDTH_MULT)], rel=1e-3)
+
+
 def test_stop_after_leaves_the_decay_start_to_branch_from(ref_run, data_dir, tmp_path):
     base = tmp_path / "base"
     run(data_dir, base, *REF, "--stop_after=8")  # stop where the decay starts (max_iters 12, decay 4)
