@@ -12,7 +12,9 @@ mup_sweep.py: does the learning rate transfer across width? The evidence for muP
    (tests/test_muon.py), so its best eta should rise with width; the release's sweep rule (moonlight_sqrt_m)
    and Megatron-LM's (unit_rms_norm) keep it flat. --muon_phase=all: Muon from step 0 (train.py
    --optimizer=muon, the standard transfer test); --muon_phase=decay: per width and seed one AdamW stable phase
-   at --stable_lr, then the decay with Muon (train.py --muon_at_decay) at each eta, as the recipe uses Muon.
+   at --adamw_lr, then the decay with Muon (train.py --muon_at_decay) at each eta, as the recipe uses Muon.
+   Each run sweeps Muon's eta alone (train.py --muon_lr); the embedding and norms stay on AdamW at --adamw_lr
+   (the AdamW sweep's best), so the best eta a width finds is Muon's, not the embedding's.
 3. The coordinate check (--coord). Models of several widths take a few AdamW steps at a high LR; the figure
    plots the mean |activation| at four places in the network against width, one line per step. Under muP
    the lines are flat; under SP they climb. tests/test_model.py::test_coordinate_check asserts the slopes of
@@ -72,13 +74,16 @@ ADAMW_LRS = [0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02]
 # width (256) unit_rms_norm and spectral step ~3-5x less than moonlight at the same eta (sqrt(rows/cols) ~ 1-1.6
 # against 0.2 sqrt(max(rows, cols)) = 3.2-5), so their grids sit higher; the best eta can only rise with width
 # (moonlight's update shrinks as width^-1/2, spectral's as width^-1: tests/test_muon.py), so each grid reaches
-# 2-3 factors of 2 above the best a probe found at width 128 (seed 1, these --train_args, 2026-12-05: moonlight
-# 0.02, moonlight_sqrt_m 0.02, unit_rms_norm 0.08, spectral 0.04; every rule 0.01 at width 64)
+# 2-3 factors of 2 above the best a probe found at width 128 (seed 1, these --train_args, 2026-12-05, one --lr for
+# Muon and the embedding: moonlight 0.02, moonlight_sqrt_m 0.02, unit_rms_norm 0.08, spectral 0.04; every rule 0.01
+# at width 64)
 MUON_LRS = {"moonlight": [0.00125 * 2 ** k for k in range(8)],         # 0.00125 .. 0.16
             "moonlight_sqrt_m": [0.00125 * 2 ** k for k in range(8)],  # 0.00125 .. 0.16
             "unit_rms_norm": [0.0025 * 2 ** k for k in range(8)],      # 0.0025 .. 0.32
             "spectral": [0.0025 * 2 ** k for k in range(9)]}           # 0.0025 .. 0.64
-STABLE_LR = 0.005  # --muon_phase=decay's AdamW stable phase: the AdamW sweep's best eta at every width
+# the Muon sweep's AdamW eta (embedding, norms; the decay variant's stable phase): the AdamW sweep's best at every
+# width (figures/mup_sweep.json)
+ADAMW_LR = 0.005
 # --quick: a tiny version of everything, for tests (any flag given explicitly still wins)
 QUICK = dict(widths=[32, 64], lrs=[0.005, 0.02], seeds=[1],
              train_args="--n_layer=1 --block_size=32 --batch_size=4 --total_batch_size=128 --max_iters=10 "
@@ -104,9 +109,10 @@ def width_flags(width, head_dim, kv_group=1):
 
 def run_argv(args, panel, width, lr, seed):
     """One run of the sweep: its train.py flags (--out_dir comes with its Job)."""
-    argv = shlex.split(args.train_args) + width_flags(width, args.head_dim) + [
-        f"--lr={lr}", f"--mup={int(panel != 'SP')}", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
-        "--sample_len=0"]
+    # the eta swept: AdamW's (--lr), or Muon's alone, the embedding and norms staying on AdamW at --adamw_lr
+    eta = [f"--lr={lr}"] if args.kind == "sweep" else [f"--lr={args.adamw_lr}", f"--muon_lr={lr}"]
+    argv = shlex.split(args.train_args) + width_flags(width, args.head_dim) + eta + [
+        f"--mup={int(panel != 'SP')}", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0", "--sample_len=0"]
     if args.kind == "muon_sweep":
         argv += [f"--muon_scale={panel}"] + (["--optimizer=muon"] if args.muon_phase == "all" else [
             f"--resume={stable_ckpt(args, width, seed)}", "--muon_at_decay"])
@@ -122,7 +128,7 @@ def stable_argv(args, width, seed):
     """--muon_phase=decay: the AdamW warmup and stable phase every rule's and LR's decay at (width, seed) starts
     from; it stops at the decay's start, whose checkpoint it keeps."""
     return shlex.split(args.train_args) + width_flags(width, args.head_dim) + [
-        f"--lr={args.stable_lr}", "--mup=1", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
+        f"--lr={args.adamw_lr}", "--mup=1", f"--seed={seed}", "--eval_interval=0", "--ckpt_interval=0",
         "--sample_len=0", f"--stop_after={args.decay_at}", "--keep_ckpts=1", "--overwrite",
         f"--run_name=stable-w{width}-s{seed}"]
 
@@ -284,13 +290,13 @@ def sweep(args):
     by, _ = PANELS[args.kind]
     same = dict(train_args=args.train_args, head_dim=args.head_dim)
     if args.kind == "muon_sweep":
-        same.update(muon_phase=args.muon_phase, stable_lr=args.stable_lr if args.muon_phase == "decay" else None)
+        same.update(muon_phase=args.muon_phase, adamw_lr=args.adamw_lr)
     runs, stable, history = [], [], []
     if args.resume and os.path.exists(args.out):
         old = read_json(args.out, "--resume: --out", args.kind)
         if any(old.get(k) != v for k, v in same.items()):
             raise SweepError(f"{args.out} holds a sweep with other --train_args/--head_dim"
-                             + ("/--muon_phase/--stable_lr" if args.kind == "muon_sweep" else "")
+                             + ("/--muon_phase/--adamw_lr" if args.kind == "muon_sweep" else "")
                              + "; drop --resume or choose another --out")
         runs, stable, history = old["runs"], old.get("stable_runs", []), old.get("history", []) + [old["info"]]
     have = {(r[by], r["width"], r["lr"], r["seed"]) for r in runs}
@@ -355,7 +361,7 @@ def stable_done(args, job, result, stable):
     if result.get("diverged") or result["val_loss"] is None:
         raise SweepError(f"the AdamW stable phase at width {width}, seed {seed} "
                          + ("diverged" if result.get("diverged") else "trained nothing")
-                         + f" (--stable_lr={args.stable_lr}); lower --stable_lr")
+                         + f" (--adamw_lr={args.adamw_lr}); lower --adamw_lr")
     mark_finished(job.out_dir, STABLE_DONE, job.argv, result["val_loss"])
     stable[:] = [r for r in stable if (r["width"], r["seed"]) != (width, seed)]
     stable.append(dict(width=width, seed=seed, val_loss=result["val_loss"], seconds=result["seconds"]))
@@ -525,7 +531,7 @@ def plot_sweep(data, path):
         ax.set_xticks(np.log2(lrs))
         ax.set_xticklabels([f"{math.log2(lr):.1f}\n({lr:g})" for lr in lrs], fontsize=8 if len(lrs) > 7 else 10)
         ax.set_xlabel("log2 learning rate  (eta: embedding LR; hidden LR = eta/m under muP)" if by != "rule" else
-                      "log2 eta (train.py --lr: the embedding's AdamW LR; Muon's step: the rule's)")
+                      "log2 Muon's eta (train.py --muon_lr; its step: the rule's)")
         ax.grid(alpha=0.3)
     for row in axes:
         row[0].set_ylabel("final validation loss (mean over seeds)")
@@ -544,8 +550,8 @@ def plot_sweep(data, path):
     bars = "no error bars (one seed)" if ns == {1} else bars[2] if max(ns) == 2 else bars[3]
     if by == "rule":
         phase = ("Muon from step 0 (train.py --optimizer=muon)" if data["muon_phase"] == "all" else
-                 f"AdamW at eta {data['stable_lr']:g} to the decay's start (step {data.get('decay_start')}), then the "
-                 "decay with Muon at eta (train.py --muon_at_decay)")
+                 f"AdamW to the decay's start (step {data.get('decay_start')}), then the decay with Muon "
+                 "(train.py --muon_at_decay)") + f"; embedding and norms on AdamW at eta {data['adamw_lr']:g}"
         fig.suptitle(f"Muon's learning-rate transfer across width, per width rule of its update (muP)\n{phase}",
                      fontsize=13)
     else:
@@ -696,11 +702,11 @@ def parse_args(argv=None):
          help="Muon's width rules (train.py --muon_scale), one panel each; default all: " + "; ".join(
              f"{name}: {rule.help}" for name, rule in muon.MUON_SCALES.items()))
     flag(g, "muon_phase", default="all", choices=["all", "decay"], help="all: Muon from step 0 (--optimizer=muon, "
-         "the standard transfer test); decay: per width and seed one AdamW stable phase at --stable_lr, then each "
+         "the standard transfer test); decay: per width and seed one AdamW stable phase at --adamw_lr, then each "
          "eta's decay with Muon (--muon_at_decay), as the recipe uses it")
-    flag(g, "stable_lr", type=float, default=STABLE_LR, range=Range(0, lo_open=True),
-         help="--muon_phase=decay: the AdamW warmup and stable phase's eta (default: the AdamW sweep's best, "
-              "figures/mup_sweep.json)")
+    flag(g, "adamw_lr", type=float, default=ADAMW_LR, range=Range(0, lo_open=True),
+         help="AdamW's eta in every run (train.py --lr: the embedding and norms, and --muon_phase=decay's warmup and "
+              "stable phase), while the grid sweeps Muon's (--muon_lr); default: the AdamW sweep's best")
     g = p.add_argument_group("the coordinate check")
     flag(g, "coord", type=str2bool, nargs="?", const=True, default=False, help="draw it instead of the sweep")
     flag(g, "coord_widths", type=positive(int, "positive integers"), default=[64, 128, 256, 512, 1024, 2048],

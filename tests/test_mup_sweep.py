@@ -112,12 +112,12 @@ def flags_of(argv):
 
 def fake_train(loss, calls=None):
     """A stand-in for jobs.train_result: loss(name, width, lr, seed) read from the run's own train.py flags
-    (name: its Muon rule, or muP/SP), a NaN loss as a diverged run."""
+    (name: its Muon rule, or muP/SP; lr: --muon_lr in a Muon run), a NaN loss as a diverged run."""
     def result(argv, log=None):
         f = flags_of(argv)
         muon = f.get("optimizer") == "muon" or "--muon_at_decay" in argv
-        key = (f["muon_scale"] if muon else "muP" if f["mup"] == "1" else "SP", int(f["n_embd"]), float(f["lr"]),
-               int(f["seed"]))
+        key = (f["muon_scale"] if muon else "muP" if f["mup"] == "1" else "SP", int(f["n_embd"]),
+               float(f["muon_lr"] if muon else f["lr"]), int(f["seed"]))  # the eta swept: Muon's, or AdamW's
         if calls is not None:
             calls.append(key)
         v = loss(*key)
@@ -190,7 +190,7 @@ def test_each_run_gets_its_width_lr_seed_and_parameterization_and_a_diverged_run
     with pytest.raises(SystemExit, match="something else"):  # any other error still stops the sweep
         jobs.train_result(mup_sweep.run_argv(args, "SP", 64, 0.25, 1))
     muon = mup_sweep.parse_args(["--optimizer=muon", "--train_args=--n_layer=2"])
-    assert {"--optimizer=muon", "--muon_scale=unit_rms_norm", "--mup=1", "--lr=0.04",
+    assert {"--optimizer=muon", "--muon_scale=unit_rms_norm", "--mup=1", "--lr=0.005", "--muon_lr=0.04",
             "--run_name=unit_rms_norm-w64-lr0.04-s2"} <= set(mup_sweep.run_argv(muon, "unit_rms_norm", 64, 0.04, 2))
 
 
@@ -326,8 +326,8 @@ def test_quick_muon_sweep_runs_each_rule_through_train_py(muon_quick):
         name = f"{r['rule']}-w{r['width']}-lr{r['lr']:g}-s{r['seed']}"
         cfg = json.load(open(os.path.join(runs, name, "config.json")))
         a = cfg["args"]
-        assert (a["muon_scale"], a["optimizer"], a["lr"], a["seed"], a["mup"], a["run_name"]) == \
-            (r["rule"], "muon", r["lr"], r["seed"], True, name)
+        assert (a["muon_scale"], a["optimizer"], a["muon_lr"], a["lr"], a["seed"], a["mup"], a["run_name"]) == \
+            (r["rule"], "muon", r["lr"], mup_sweep.ADAMW_LR, r["seed"], True, name)  # Muon's eta swept alone
         assert cfg["model"]["n_embd"] == r["width"] and cfg["model"]["n_head"] == max(1, r["width"] // 32)
         log = [json.loads(line) for line in open(os.path.join(runs, name, "log.jsonl"))]
         assert {e["optimizer"] for e in log if "loss" in e} == {"muon"}  # from step 0
@@ -353,12 +353,12 @@ def test_jobs_give_the_same_numbers_as_one_at_a_time(muon_quick, tmp_path):
 def test_quick_muon_decay_sweep_branches_every_eta_from_one_stable_phase(muon_quick, tmp_path):
     _, _, _, data_dir = muon_quick
     out, runs = str(tmp_path / "decay.json"), str(tmp_path / "runs")
-    argv = ["--quick", "--optimizer=muon", "--muon_phase=decay", "--stable_lr=0.004", f"--out={out}",
+    argv = ["--quick", "--optimizer=muon", "--muon_phase=decay", "--adamw_lr=0.004", f"--out={out}",
             f"--runs_dir={runs}", "--keep_runs", f"--train_args={mup_sweep.QUICK['train_args']} --data_dir={data_dir}"]
     capture(lambda: mup_sweep.main(argv + ["--muon_scales=moonlight"]))
     data = json.load(open(out))
     decay_at = data["decay_start"]
-    assert decay_at == 8 and data["stable_lr"] == 0.004
+    assert decay_at == 8 and data["adamw_lr"] == 0.004
     assert {(s["width"], s["seed"]) for s in data["stable_runs"]} == {(32, 1), (64, 1)}
     for w in (32, 64):
         base = json.load(open(os.path.join(runs, f"stable-w{w}-s1", "config.json")))["args"]
@@ -367,7 +367,8 @@ def test_quick_muon_decay_sweep_branches_every_eta_from_one_stable_phase(muon_qu
         name = f"{r['rule']}-w{r['width']}-lr{r['lr']:g}-s{r['seed']}"
         a = json.load(open(os.path.join(runs, name, "config.json")))["args"]
         assert a["resume"] == os.path.join(runs, f"stable-w{r['width']}-s1", f"ckpt_{decay_at:07d}.pt")
-        assert (a["muon_at_decay"], a["optimizer"], a["muon_scale"], a["lr"]) == (True, "adamw", r["rule"], r["lr"])
+        assert (a["muon_at_decay"], a["optimizer"], a["muon_scale"], a["muon_lr"], a["lr"]) == \
+            (True, "adamw", r["rule"], r["lr"], 0.004)
         steps = [e for e in map(json.loads, open(os.path.join(runs, name, "log.jsonl"))) if "loss" in e]
         assert steps[0]["step"] == decay_at and {e["optimizer"] for e in steps} == {"muon"}  # the decay only
     ckpt = os.path.join(runs, "stable-w64-s1", f"ckpt_{decay_at:07d}.pt")
@@ -376,8 +377,8 @@ def test_quick_muon_decay_sweep_branches_every_eta_from_one_stable_phase(muon_qu
     again = json.load(open(out))
     assert os.path.getmtime(ckpt) == mtime and len(again["runs"]) == 8
     assert {r["rule"] for r in again["runs"]} == {"moonlight", "spectral"} and len(again["history"]) == 1
-    with pytest.raises(SystemExit, match="other --train_args/--head_dim/--muon_phase/--stable_lr"):
-        mup_sweep.main(argv[:3] + ["--stable_lr=0.002"] + argv[4:] + ["--resume"])
+    with pytest.raises(SystemExit, match="other --train_args/--head_dim/--muon_phase/--adamw_lr"):
+        mup_sweep.main(argv[:3] + ["--adamw_lr=0.002"] + argv[4:] + ["--resume"])
     # two at a time, each decay waiting for its stable phase: the same numbers
     out2 = str(tmp_path / "decay2.json")
     capture(lambda: mup_sweep.main(argv[:4] + [f"--out={out2}", f"--runs_dir={tmp_path}/runs2", argv[-1],
