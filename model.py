@@ -16,7 +16,7 @@ embeddings and the maximal-update parameterization (muP) exactly as Xmodel-2 / X
 Every multiplier is a GPTConfig field; `mup=False` freezes all width-dependent factors at their base-width value
 (m = 1) and uses 1/sqrt(d_head) attention, i.e. the standard parameterization one would get by scaling the proxy
 naively. Read bottom-up: the blocks, the muP config (GPTConfig, PRESETS), the model (GPT), then the supporting
-pieces (the KV cache, the GPU peaks for MFU); the chunked loss head is head.py.
+pieces (the GPU peaks for MFU); the chunked loss head is head.py, generation and its KV cache generate.py.
 
     python -c "from model import *; print(GPT(GPTConfig.from_preset('nano')))"
 """
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import generate
 from head import chunked_cross_entropy
 
 # -----------------------------------------------------------------------------
@@ -291,78 +292,13 @@ class GPT(nn.Module):
         peak = peak_flops(torch.cuda.get_device_name(device))
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pad=None, stop=None):
-        """Append max_new_tokens tokens to idx (B, T) and return it; temperature=0 is greedy. use_cache=True runs
-        the prompt once, then each new token against the KV cache. use_cache=False is the reference: every step
-        re-runs the whole context, cropped to block_size (a cached run does the same once it outgrows block_size).
-        pad (B,): left-padding tokens per row, to batch prompts of different lengths (cache only).
-        stop(new_tokens (B, t)) -> (B,) bool: stop early once it holds for every row."""
-        B, T = idx.shape
-        block_size = self.config.block_size
-        if pad is not None and (not use_cache or T + max_new_tokens > block_size):
-            raise ValueError("pad needs use_cache=True and prompt + max_new_tokens <= block_size")
-        cache = KVCache(self.config, B, min(T + max_new_tokens, block_size), pad) if use_cache and T < block_size \
-            else None
-        fresh = idx  # the tokens the cache has not seen yet
-        for _ in range(max_new_tokens):
-            if cache is not None and cache.pos + fresh.size(1) <= cache.max_len:
-                logits, _ = self(fresh, cache=cache)
-            else:  # plain generation: re-run the whole (cropped) context for every token
-                logits, _ = self(idx[:, -block_size:])
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, next_id], dim=1)
-            fresh = next_id
-            if stop is not None and bool(stop(idx[:, T:]).all()):
-                break
-        return idx
+    def generate(self, idx, max_new_tokens, *args, **kwargs):
+        """idx (B, T) with max_new_tokens sampled tokens appended: generate.generate (KV cache, greedy, top-k)."""
+        return generate.generate(self, idx, max_new_tokens, *args, **kwargs)
+
 
 # -----------------------------------------------------------------------------
-# supporting pieces: the KV cache (generate), the GPU peaks (MFU)
-
-
-class KVCache:
-    """The keys and values of the tokens seen so far, so generation runs one new token per step: per layer
-    (B, n_kv_head, max_len, head_dim), in the dtype the keys first come in (bf16 under autocast).
-    GPT.forward(idx, cache=c) runs idx at positions c.pos .. c.pos+T-1 (RoPE read at that offset), appends its keys
-    and values and advances c.pos. pad (B,) counts left-padding tokens per row: no query attends to them, and as
-    attention sees only relative positions, a left-padded row computes what it would alone."""
-
-    def __init__(self, config, batch_size, max_len, pad=None):
-        if max_len > config.block_size:
-            raise ValueError(f"cache of {max_len} positions is longer than block_size={config.block_size}")
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = self.v = self.mask = None
-        self.pos, self.max_len, self.pad, self.causal = 0, max_len, pad, False
-
-    def prepare(self, T, device):
-        """The attention mask for the next T tokens, set once per forward and shared by every layer."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"{self.pos} cached + {T} new tokens overflow the cache of {self.max_len}")
-        # unpadded, two cases need no mask: a prompt from position 0 (plain causal) and one new token (sees all)
-        self.causal, self.mask = self.pad is None and self.pos == 0 and T > 1, None
-        if self.pad is not None or (self.pos > 0 and T > 1):
-            q = torch.arange(self.pos, self.pos + T, device=device)[:, None]
-            k = torch.arange(self.pos + T, device=device)
-            self.mask = k <= q  # causal with the queries offset by pos: (T, pos+T)
-            if self.pad is not None:  # a padding query still sees itself, so no softmax row is empty
-                self.mask = (self.mask & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, pos+T)
-
-    def update(self, layer, k, v):
-        if self.k is None:
-            self.k, self.v = k.new_empty(self.shape), v.new_empty(self.shape)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+# supporting pieces: the GPU peaks (MFU)
 
 
 # dense bf16 tensor-core peaks (vendor data sheets), matched against torch.cuda.get_device_name;

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate as ev  # noqa: E402
 import prepare_data as pd  # noqa: E402
-from model import GPT, GPTConfig, KVCache  # noqa: E402
+from generate import KVCache  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 WORDS = "the a cat dog sat ran on under table tree house big small red blue quickly slowly water fire".split()
 
