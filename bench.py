@@ -59,10 +59,10 @@ import hf
 import muon
 import prepare_data
 from cli import Parser, Range, flag, run_main, setup_device
+from config import TRAIN_PRESETS
 from head import chunked_cross_entropy
 from model import GPT, GPTConfig, PRESETS
 from safeio import WriteError, atomic_write, check_output, head, json_with, make_dir, read_jsonl, write_json
-from config import TRAIN_PRESETS
 
 SECTIONS = ("train", "hf", "head", "fp8", "ns", "data", "eval")
 

@@ -72,7 +72,7 @@ RELEASE_LONG_CONTEXT_BATCH = {8192: (960, 2), 16384: (240, 1)}
 
 
 def get_parser():
-    p = Parser(prog="train.py", description=DESCRIPTION,
+    p = Parser(prog=PROG, description=DESCRIPTION,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     per_preset = lambda k: "per --preset: " + ", ".join(f"{n} {v[k]}" for n, v in TRAIN_PRESETS.items())
     ge0, ge1, unit = Range(0), Range(1), Range(0, 1, hi_open=True)  # the allowed values, checked by Parser

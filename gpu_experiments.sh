@@ -19,7 +19,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PART=${1:-recipe}
-case "$PART" in recipe|widths) ;; *) echo "gpu_experiments.sh: unknown part $PART; give recipe or widths" >&2; exit 2;; esac
+case "$PART" in
+recipe|widths) ;;
+*) echo "gpu_experiments.sh: unknown part $PART; give recipe or widths" >&2; exit 2;;
+esac
 OUT_DIR=${OUT_DIR:-runs/gpu}
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_experiments.sh: needs a CUDA GPU; on a CPU run ablation.py and mup_sweep.py (docs/experiments.md)" >&2
@@ -40,6 +43,7 @@ widths)
 --batch_size=16 --total_batch_size=59392 --eval_iters=10 --log_interval=50 --compile=0"
     python mup_sweep.py --optimizer=muon --muon_phase=decay --muon_scales=moonlight,unit_rms_norm \
         --widths=256,512,1024 --head_dim=64 --seeds=1 --jobs=4 --train_args="$SHORT" --out="$OUT_DIR/muon_decay.json"
-    python ablation.py --widths=256,512,1024 --arms=adamw,muon --seeds=1,2 --train_args="$SHORT" --out="$OUT_DIR/widths";;
+    python ablation.py --widths=256,512,1024 --arms=adamw,muon --seeds=1,2 --train_args="$SHORT" \
+        --out="$OUT_DIR/widths";;
 esac
 echo "gpu_experiments.sh: done in $(( $(date +%s) - start )) s; results in $OUT_DIR"

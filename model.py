@@ -292,9 +292,9 @@ class GPT(nn.Module):
         peak = peak_flops(torch.cuda.get_device_name(device))
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
-    def generate(self, idx, max_new_tokens, *args, **kwargs):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pad=None, stop=None):
         """idx (B, T) with max_new_tokens sampled tokens appended: generate.generate (KV cache, greedy, top-k)."""
-        return generate.generate(self, idx, max_new_tokens, *args, **kwargs)
+        return generate.generate(self, idx, max_new_tokens, temperature, top_k, use_cache, pad, stop)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for evaluate.py and model.py's KV cache: the scorer against a slow one-example-at-a-time reference, the
+"""Tests for evaluate.py and generate.py's KV cache: the scorer against a slow one-example-at-a-time reference, the
 harness's few-shot and tokenization conventions, KV-cache generation against plain generation, GSM8K answer
 extraction, validation loss and bits per byte, bad input, and lm-eval itself on the same local tasks.
 CPU only, fp32, tiny random models; the hub is never asked."""
