@@ -187,8 +187,8 @@ class Run:
         # legitimate but not silent: a new batch size or world size (the recipe doubles its batch), a new schedule
         saved = dict(ckpt["args"], world_size=ckpt.get("world_size"))
         now = dict(vars(args), world_size=self.launch.world_size)
-        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k) is not None
-                   and saved[k] != v and k not in NOT_TRAINING]
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v
+                   and k not in NOT_TRAINING]  # (a flag newer than the checkpoint is not a change)
         self.print(f"resumed from {path} at step {ckpt['step']}" + ("; changed since it was saved: "
                                                                    + ", ".join(changed) if changed else ""))
         return ckpt
@@ -210,7 +210,7 @@ class Run:
         where = f"the last good checkpoint is step {self.last_saved} in {self.args.out_dir} (--resume)" \
             if self.last_saved else "no checkpoint was written yet"
         raise Diverged(f"the run diverged at step {step}: {problem}; stopped without saving; {where}; try a lower "
-                       f"--lr or --grad_clip")
+                       f"--lr" + (" or --muon_lr" if self.args.muon_lr is not None else "") + " or --grad_clip")
 
     def save(self, step, model, optimizer, opt_kind, probe_loss, best_val, tokens_seen):
         """Collective. Save the state after `step` steps, or stop the run instead if diverged() objects on any rank;

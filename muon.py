@@ -226,7 +226,9 @@ def adjusted_lr(lr, shape, muon_scale="moonlight"):
 
 
 def is_muon_group(group):
-    return group.get("muon", group.get("name") == "hidden")  # model.param_groups' "hidden": the 2-D block matrices
+    """Whether Muon steps this group when the optimizer is Muon (an AdamW's "hidden" group is one too: the caller
+    knows which optimizer it has): a group marked muon=True, else model.param_groups' "hidden" matrices."""
+    return group.get("muon", group.get("name") == "hidden")
 
 
 class Muon(torch.optim.Optimizer):

@@ -247,7 +247,7 @@ def run_info():
 
 
 NEEDS = {"sweep": ("runs", "cells", "widths", "lrs", "best_lr"), "coord": ("widths", "steps", "lr", "muP", "SP"),
-         "muon_sweep": ("runs", "cells", "widths", "lrs", "best_lr", "muon_phase")}
+         "muon_sweep": ("runs", "cells", "widths", "lrs", "best_lr", "muon_phase", "adamw_lr")}
 
 
 def read_json(path, what, kind=None):
@@ -675,9 +675,9 @@ def parse_args(argv=None):
     flag(g, "widths", type=positive(int, "positive integers"), default=[64, 128, 256, 512],
          help="n_embd values, comma-separated")
     flag(g, "lrs", type=positive(float, "positive numbers"), default=None,
-         help="peak eta values (train.py --lr), comma-separated; default: " + ",".join(f"{x:g}" for x in ADAMW_LRS)
-              + " (adamw); per rule (muon): " + "; ".join(f"{r} {min(v):g}..{max(v):g} ({len(v)}, x2 apart)"
-                                                         for r, v in MUON_LRS.items()))
+         help="peak eta values (train.py --lr; with --optimizer=muon Muon's, --muon_lr), comma-separated; default: "
+              + ",".join(f"{x:g}" for x in ADAMW_LRS) + " (adamw); per rule (muon): "
+              + "; ".join(f"{r} {min(v):g}..{max(v):g} ({len(v)}, x2 apart)" for r, v in MUON_LRS.items()))
     flag(g, "seeds", type=SEEDS, default=[1], help="train.py --seed values: 1,2 gives error bars (the seed sets the "
          "init; the data order is the same)")
     flag(g, "head_dim", type=int, default=32, range=Range(2), help="n_head = width / head_dim")

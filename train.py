@@ -352,6 +352,8 @@ def describe(model, args, world_size, log):
         f"non-embedding), width multiplier m = {model.config.width_mult:g}, muP {'on' if model.config.mup else 'off'}")
     run_args = {k: v for k, v in vars(args).items() if k not in MODEL_FIELDS}  # the model's are in `model`
     log("config: " + json.dumps({"args": run_args, "model": asdict(model.config), "world_size": world_size}))
+    if args.muon_lr is not None and args.optimizer == "adamw" and not args.muon_at_decay:
+        log("train.py: note: --muon_lr is the eta of the matrices Muon steps, and this run is AdamW throughout")
 
 
 def loop(args, run, start, end, raw_model, train_loader, val_loader, autocast, log):

@@ -367,11 +367,12 @@ def test_resume_says_what_changed(data_dir, tmp_path, capsys):
     run(data_dir, out, *REF)
     os.remove(out / "ckpt_0000012.pt")
     capsys.readouterr()
-    run(data_dir, out, *REF, "--resume", "--total_batch_size=512", "--batch_size=8")
+    run(data_dir, out, *REF, "--resume", "--total_batch_size=512", "--batch_size=8", "--muon_lr=0.02")
     said = capsys.readouterr().out
     line = next(line for line in said.splitlines() if line.startswith("resumed from"))
     assert re.match(r"resumed from \S+ckpt_0000009.pt at step 9; changed since it was saved: ", line), line
     assert "total_batch_size 256 -> 512" in line and ", batch_size 4 -> 8" in line
+    assert "muon_lr None -> 0.02" in line  # a flag given now that was unset then is a change too
 
 
 def test_a_resume_trains_with_this_runs_optimizer_flags(data_dir, tmp_path):

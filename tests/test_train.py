@@ -830,6 +830,26 @@ def test_muon_lr_moves_only_the_matrices_muon_steps(data_dir, tmp_path, capsys):
             [m * train.lr_mult(s, args) for m in (0.01, hidden_eta / WIDTH_MULT, 0.01 / WIDTH_MULT)], rel=1e-3)
 
 
+def test_config_describes_train_py_as_its_docstring_does():
+    assert config.DESCRIPTION == train.__doc__.split("\n")[1]  # --help's first line, kept where train.py is read
+
+
+def test_muon_lr_from_step_0_and_in_the_long_context_phase():
+    """--optimizer=muon: the hidden group on --muon_lr from step 0; in the long-context phase its fresh schedule
+    warms up to where its own decay ended (muon_lr / m / 16), the other groups' to theirs; an AdamW group ignores
+    --muon_lr."""
+    args = train.parse_args(["--max_iters=40", "--warmup_iters=4", "--decay_iters=12", "--optimizer=muon",
+                             "--muon_lr=0.03", "--long_context=512:10", "--long_context_warmup=2"])
+    hidden, emb = dict(name="hidden", lr_mult=0.25), dict(name="embedding", lr_mult=1.0)
+    assert {train.optimizer_kind(s, args) for s in range(50)} == {"muon"}
+    assert train.group_eta(args, hidden, "muon") == 0.03 and train.group_eta(args, emb, "muon") == 0.01
+    assert train.group_eta(args, hidden, "adamw") == 0.01
+    assert train.group_lr(20, args, 0.25, 0.03) == pytest.approx(0.03 * 0.25)
+    assert train.group_lr(42, args, 0.25, 0.03) == pytest.approx(0.03 * 0.25 / 16)  # the phase's warmup end
+    assert train.group_lr(42, args, 1.0) == pytest.approx(0.01 / 16)
+    assert train.group_lr(40, args, 0.25, 0.03) == train.group_lr(40, args, 1.0) == pytest.approx(1e-6)
+
+
 def test_stop_after_leaves_the_decay_start_to_branch_from(ref_run, data_dir, tmp_path):
     base = tmp_path / "base"
     run(data_dir, base, *REF, "--stop_after=8")  # stop where the decay starts (max_iters 12, decay 4)
