@@ -551,7 +551,8 @@ def plot_sweep(data, path):
     if by == "rule":
         phase = ("Muon from step 0 (train.py --optimizer=muon)" if data["muon_phase"] == "all" else
                  f"AdamW to the decay's start (step {data.get('decay_start')}), then the decay with Muon "
-                 "(train.py --muon_at_decay)") + f"; embedding and norms on AdamW at eta {data['adamw_lr']:g}"
+                 "(train.py --muon_at_decay)") + ";\nthe grid is Muon's eta alone (--muon_lr), the embedding and " \
+            f"norms on AdamW at eta {data['adamw_lr']:g}"
         fig.suptitle(f"Muon's learning-rate transfer across width, per width rule of its update (muP)\n{phase}",
                      fontsize=13)
     else:
