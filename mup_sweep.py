@@ -24,7 +24,7 @@ mup_sweep.py: does the learning rate transfer across width? The evidence for muP
                                                      # (--overwrite: the committed figures/mup_sweep.json is redone)
     python mup_sweep.py --jobs=2 --seeds=2 --resume  # + a second seed for error bars
     python mup_sweep.py --optimizer=muon --seeds=1,2 --jobs=2 --resume    # Muon from step 0, four rules: ~3.5 h
-    python mup_sweep.py --optimizer=muon --muon_phase=decay --seeds=1,2 --jobs=2 --resume   # in the decay: ~1 h
+    python mup_sweep.py --optimizer=muon --muon_phase=decay --seeds=1,2 --jobs=2 --resume   # in the decay: 69 min
     python mup_sweep.py --coord --overwrite          # the coordinate check, a few minutes on a CPU
     python mup_sweep.py --plot_only=figures/mup_sweep.json      # redraw a figure from its JSON
     python mup_sweep.py --quick                      # a tiny sweep for a test, well under a minute
